@@ -1,0 +1,350 @@
+"""Tests for the memoroid scans, the tape buffer, the loss and the scripts.
+
+Every check compares against an independent reference -- a plain Python/NumPy loop, a
+per-episode run, a from-scratch recurrence -- never against the code under test itself.
+Run: python -m pytest -q
+"""
+
+import collections
+import csv
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ffm_tbb_dqn as ffm
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCANS = ("associative", "sequential")
+
+
+def episode_starts(lengths):
+    start = np.zeros(sum(lengths), bool)
+    start[np.cumsum([0] + list(lengths[:-1]))] = True
+    return start
+
+
+# ---------------------------------------------------------------------------------------------
+# FFM memoroid
+# ---------------------------------------------------------------------------------------------
+def random_ffm_elements(rng, n, m=3, c=2):
+    s = rng.normal(size=(n, m, c)) + 1j * rng.normal(size=(n, m, c))
+    g = rng.uniform(0.5, 1.0, (n, m, c)) * np.exp(1j * rng.uniform(-np.pi, np.pi, (n, m, c)))
+    return jnp.asarray(s, jnp.complex64), jnp.asarray(g, jnp.complex64)
+
+
+def take(elements, i):
+    return jax.tree.map(lambda x: x[i], elements)
+
+
+def assert_tree_close(a, b, rtol=1e-5, atol=1e-5):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+
+
+def test_ffm_op_is_associative_with_two_sided_identity():
+    x = random_ffm_elements(np.random.default_rng(0), 3)
+    a, b, c = (take(x, i) for i in range(3))
+    assert_tree_close(ffm.monoid_op(ffm.monoid_op(a, b), c), ffm.monoid_op(a, ffm.monoid_op(b, c)))
+    e = ffm.identity_like(a)
+    for left, right in ((e, a), (a, e)):
+        assert_tree_close(ffm.monoid_op(left, right), a, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("flags", [(i >> 2 & 1, i >> 1 & 1, i & 1) for i in range(8)])
+def test_ffm_reset_op_is_associative(flags):
+    x = random_ffm_elements(np.random.default_rng(1), 3)
+    a, b, c = ((take(x, i), jnp.asarray(bool(f))) for i, f in enumerate(flags))
+    left = ffm.reset_op(ffm.reset_op(a, b), c)
+    right = ffm.reset_op(a, ffm.reset_op(b, c))
+    assert_tree_close(left, right)
+    assert bool(left[1]) == any(flags)
+
+
+def ffm_loop(s, g, start):
+    """FFM by its definition: S_t = S_{t-1} * g_t + s_t, restarted from 0 at every start."""
+    s, g = np.asarray(s, np.complex128), np.asarray(g, np.complex128)
+    trace, decay = np.zeros_like(s[0]), np.ones_like(g[0])
+    out_s, out_g = [], []
+    for t in range(len(s)):
+        if start[t]:
+            trace, decay = np.zeros_like(s[0]), np.ones_like(g[0])
+        trace, decay = trace * g[t] + s[t], decay * g[t]
+        out_s.append(trace)
+        out_g.append(decay)
+    return np.stack(out_s), np.stack(out_g)
+
+
+@pytest.mark.parametrize("scan", SCANS)
+def test_ffm_scan_over_concatenated_episodes(scan):
+    lengths = [5, 1, 9, 3, 1, 12]
+    start = episode_starts(lengths)
+    x = random_ffm_elements(np.random.default_rng(2), len(start))
+    states = ffm.resettable_scan(x, jnp.asarray(start), scan)
+    # == a plain loop
+    assert_tree_close(states, ffm_loop(*x, start))
+    # == each episode scanned alone from the identity
+    begin = 0
+    for n in lengths:
+        part = take(x, slice(begin, begin + n))
+        alone = ffm.resettable_scan(part, jnp.zeros(n, bool), scan)
+        assert_tree_close(take(states, slice(begin, begin + n)), alone)
+        begin += n
+
+
+def test_ffm_associative_equals_sequential():
+    start = episode_starts([40, 70, 1, 17])
+    x = random_ffm_elements(np.random.default_rng(3), len(start), m=4, c=3)
+    a = ffm.resettable_scan(x, jnp.asarray(start), "associative")
+    s = ffm.resettable_scan(x, jnp.asarray(start), "sequential")
+    assert_tree_close(a, s, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# FFM Q network: tape path vs recurrent step path, and no leakage across episodes
+# ---------------------------------------------------------------------------------------------
+FFM_FLAGS = ["--hidden-size", "16", "--trace-size", "4", "--context-size", "3", "--max-period", "16"]
+OBS_DIM, NUM_ACTIONS = 5, 3
+
+
+@pytest.fixture(scope="module")
+def ffm_params():
+    args = ffm.parse_args(FFM_FLAGS)
+    return ffm.init_params(jax.random.PRNGKey(0), OBS_DIM, NUM_ACTIONS, args)
+
+
+def random_tape_obs(lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    n = sum(lengths)
+    obs = rng.normal(size=(n, OBS_DIM)).astype(np.float32)
+    next_obs = np.roll(obs, -1, axis=0)  # within an episode next_obs[t] == obs[t+1]
+    ends = np.cumsum(lengths) - 1
+    next_obs[ends] = rng.normal(size=(len(lengths), OBS_DIM))  # the final observations
+    return obs, next_obs, episode_starts(lengths)
+
+
+def step_loop(model, params, obs, start):
+    """Q values from the recurrent step path, one observation at a time (batch of 1 env)."""
+    carry = model.initial_carry(params, 1)
+    qs = []
+    for t in range(len(obs)):
+        q, carry = model.q_step(params, carry, jnp.asarray(obs[t : t + 1]), jnp.asarray(start[t : t + 1]))
+        qs.append(np.asarray(q[0]))
+    return np.stack(qs)
+
+
+@pytest.mark.parametrize("scan", SCANS)
+def test_ffm_step_path_equals_tape_path(ffm_params, scan):
+    lengths = [7, 1, 12]
+    obs, next_obs, start = random_tape_obs(lengths)
+    q, q_next = ffm.q_tape(ffm_params, obs, next_obs, start, scan)
+    np.testing.assert_allclose(np.asarray(q), step_loop(ffm, ffm_params, obs, start), rtol=1e-5, atol=1e-5)
+    # Q(o_0..o_t, o_{t+1}) == the step path run over the episode with next_obs[t] appended
+    ends = set(np.cumsum(lengths) - 1)
+    begin = 0
+    for t in range(len(obs)):
+        begin = t if start[t] else begin
+        seq = np.concatenate([obs[begin : t + 1], next_obs[t : t + 1]])
+        expect = step_loop(ffm, ffm_params, seq, episode_starts([len(seq)]))[-1]
+        np.testing.assert_allclose(np.asarray(q_next[t]), expect, rtol=1e-5, atol=1e-5)
+        if t not in ends:  # inside an episode the next observation is the next tape entry
+            np.testing.assert_allclose(np.asarray(q_next[t]), np.asarray(q[t + 1]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("scan", SCANS)
+def test_ffm_no_gradient_across_episode_start(ffm_params, scan):
+    lengths = [6, 5, 4]
+    obs, next_obs, start = random_tape_obs(lengths, seed=1)
+    first_end = lengths[0]
+    for t in (first_end, first_end + 2, len(obs) - 1):  # outputs in later episodes
+
+        def out(o, n):
+            q, q_next = ffm.q_tape(ffm_params, o, n, start, scan)
+            return q[t].sum() + q_next[t].sum()
+
+        g_obs, g_next = jax.grad(out, argnums=(0, 1))(jnp.asarray(obs), jnp.asarray(next_obs))
+        episode_begin = max(b for b in np.flatnonzero(start) if b <= t)
+        assert np.all(np.asarray(g_obs[:episode_begin]) == 0.0)
+        assert np.all(np.asarray(g_next[:t]) == 0.0)
+        assert np.any(np.asarray(g_obs[episode_begin : t + 1]) != 0.0)  # the test can fail
+
+
+# ---------------------------------------------------------------------------------------------
+# Tape buffer
+# ---------------------------------------------------------------------------------------------
+def make_episode(ep_id, length, cap, obs_dim=2):
+    """Fields padded to `cap`; every value encodes (episode id, step) so a test can check it."""
+    t = np.arange(cap)
+    obs = np.stack([np.full(cap, ep_id), t], 1).astype(np.float32)[:, :obs_dim]
+    return (obs, (ep_id * 7 + t) % 5, ep_id + t / 1000.0, obs + 0.5,
+            t == length - 1, np.zeros(cap, bool)), np.int32(length)
+
+
+def check_sampled_tape(batch, stored, batch_size):
+    """`stored` maps episode id -> length for every episode the reference buffer holds."""
+    obs = np.asarray(batch.obs)
+    start = np.asarray(batch.start)
+    assert obs.shape[0] == batch_size and start[0]
+    runs = np.split(np.arange(batch_size), np.flatnonzero(start)[1:])
+    for k, run in enumerate(runs):
+        ep_id = int(obs[run[0], 0])
+        assert ep_id in stored, "sampled an evicted episode"
+        assert np.all(obs[run, 0] == ep_id) and np.all(obs[run, 1] == np.arange(len(run)))
+        if k < len(runs) - 1:
+            assert len(run) == stored[ep_id], "an episode was cut before the last one"
+        else:
+            assert len(run) <= stored[ep_id]
+        np.testing.assert_array_equal(np.asarray(batch.action)[run], (ep_id * 7 + np.arange(len(run))) % 5)
+        np.testing.assert_allclose(np.asarray(batch.reward)[run], ep_id + np.arange(len(run)) / 1000.0)
+        np.testing.assert_array_equal(np.asarray(batch.next_obs)[run], obs[run] + 0.5)
+        np.testing.assert_array_equal(np.asarray(batch.terminated)[run], np.arange(len(run)) == stored[ep_id] - 1)
+
+
+def test_tape_buffer_against_fifo_reference():
+    capacity, cap, batch_size = 97, 13, 40
+    rng = np.random.default_rng(0)
+    tape = ffm.init_tape(capacity, 2)
+    reference = collections.OrderedDict()  # episode id -> length, oldest first
+    sample = jax.jit(ffm.sample_tape, static_argnums=2)
+    for ep_id in range(120):  # ~7 trips around the ring
+        length = int(rng.integers(1, cap + 1))
+        tape = ffm.add_episode(tape, *make_episode(ep_id, length, cap))
+        reference[ep_id] = length
+        while sum(reference.values()) > capacity:
+            reference.popitem(last=False)
+        assert int(tape.size) == sum(reference.values())
+        for k in range(3):
+            batch = sample(tape, jax.random.PRNGKey(ep_id * 3 + k), batch_size)
+            check_sampled_tape(batch, reference, batch_size)
+
+
+def test_tape_sampling_is_proportional_to_episode_length():
+    capacity, cap = 64, 20
+    tape = ffm.init_tape(capacity, 2)
+    lengths = {0: 20, 1: 1, 2: 5, 3: 10, 4: 2}  # episode 4 is the newest
+    for ep_id, n in lengths.items():
+        tape = ffm.add_episode(tape, *make_episode(ep_id, n, cap))
+    keys = jax.random.split(jax.random.PRNGKey(0), 4000)
+    first = jax.vmap(lambda k: ffm.sample_tape(tape, k, 20).obs[0, 0])(keys)
+    freq = np.bincount(np.asarray(first).astype(int), minlength=5) / len(keys)
+    expect = np.array(list(lengths.values())) / sum(lengths.values())
+    np.testing.assert_allclose(freq, expect, atol=0.025)
+
+
+# ---------------------------------------------------------------------------------------------
+# Double-DQN loss on a hand-built tape
+# ---------------------------------------------------------------------------------------------
+def test_double_dqn_targets_match_a_plain_loop(ffm_params):
+    args = ffm.parse_args(FFM_FLAGS)
+    online = ffm_params
+    target = ffm.init_params(jax.random.PRNGKey(7), OBS_DIM, NUM_ACTIONS, args)
+    lengths = [4, 3, 5]  # ends: terminated, truncated, cut by the tape's end (bootstraps)
+    obs, next_obs, start = random_tape_obs(lengths, seed=3)
+    n = len(obs)
+    rng = np.random.default_rng(4)
+    reward = rng.normal(size=n).astype(np.float32)
+    action = rng.integers(0, NUM_ACTIONS, n).astype(np.int32)
+    terminated = np.zeros(n, bool)
+    truncated = np.zeros(n, bool)
+    terminated[3] = True
+    truncated[6] = True
+    gamma = 0.9
+    batch = ffm.Batch(*map(jnp.asarray, (obs, action, reward, next_obs, terminated, truncated, start)))
+
+    # Plain loop: rebuild each episode prefix o_0..o_t, o_{t+1} and run the step path.
+    expect_y, expect_q = [], []
+    begin = 0
+    for t in range(n):
+        begin = t if start[t] else begin
+        seq = np.concatenate([obs[begin : t + 1], next_obs[t : t + 1]])
+        seq_start = episode_starts([len(seq)])
+        q_online = step_loop(ffm, online, seq, seq_start)
+        q_target = step_loop(ffm, target, seq, seq_start)[-1]
+        bootstrap = 0.0 if terminated[t] else q_target[np.argmax(q_online[-1])]
+        expect_y.append(reward[t] + gamma * bootstrap)
+        expect_q.append(q_online[-2][action[t]])
+    expect_y, expect_q = np.array(expect_y), np.array(expect_q)
+
+    for scan in SCANS:
+        _, q_next_online = ffm.q_tape(online, obs, next_obs, start, scan)
+        _, q_next_target = ffm.q_tape(target, obs, next_obs, start, scan)
+        y = ffm.td_targets(q_next_online, q_next_target, batch.reward, batch.terminated, gamma)
+        np.testing.assert_allclose(np.asarray(y), expect_y, rtol=1e-5, atol=1e-5)
+        loss, q_mean = ffm.td_loss(online, target, batch, gamma, scan)
+        err = np.abs(expect_q - expect_y)
+        huber = np.where(err < 1.0, 0.5 * err**2, err - 0.5)
+        np.testing.assert_allclose(float(loss), huber.mean(), rtol=1e-5)
+        np.testing.assert_allclose(float(q_mean), expect_q.mean(), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# The scripts: smoke runs, determinism, checkpoints, error paths
+# ---------------------------------------------------------------------------------------------
+TINY = ["--total-timesteps", "3000", "--learning-starts", "1000", "--num-envs", "4",
+        "--batch-size", "128", "--buffer-size", "2000", "--train-frequency", "200",
+        "--updates-per-train", "2", "--eval-every", "1000", "--eval-episodes", "4",
+        "--log-every", "1000", "--hidden-size", "32"]
+TINY_MODEL = {"ffm_tbb_dqn.py": ["--trace-size", "8", "--context-size", "2"]}
+TIMING = {"sps", "elapsed_s"}
+
+
+def run_script(script, *flags):
+    return subprocess.run([sys.executable, os.path.join(HERE, script), *flags],
+                          capture_output=True, text=True, cwd=HERE, timeout=600)
+
+
+def read_metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("script", sorted(TINY_MODEL))
+def test_smoke_run_is_finite_and_deterministic(script, tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        p = run_script(script, *TINY, *TINY_MODEL[script], "--output-dir", str(out), "--save-model")
+        assert p.returncode == 0, p.stderr
+        (run_dir,) = [os.path.join(out, d) for d in os.listdir(out)]
+        for f in ("args.json", "metrics.csv", "learning_curve.png", "params.npz"):
+            assert os.path.isfile(os.path.join(run_dir, f)), f
+        rows = read_metrics(run_dir)
+        assert len(rows) == 3 and int(rows[-1]["global_step"]) == 3000
+        assert all(np.isfinite(float(r[k])) for r in rows for k in ("td_loss", "eval_return", "q_values"))
+        runs.append([{k: v for k, v in r.items() if k not in TIMING} for r in rows])
+    assert runs[0] == runs[1], "same --seed gave different metrics"
+
+
+def test_params_round_trip_through_npz(ffm_params, tmp_path):
+    path = str(tmp_path / "params.npz")
+    ffm.save_params(ffm_params, path)
+    zeros = jax.tree.map(jnp.zeros_like, ffm_params)
+    loaded = ffm.load_params(zeros, path)
+    assert_tree_close(loaded, ffm_params, rtol=0, atol=0)
+    other = ffm.init_params(jax.random.PRNGKey(0), OBS_DIM + 1, NUM_ACTIONS, ffm.parse_args(FFM_FLAGS))
+    with pytest.raises(ffm.UsageError):
+        ffm.load_params(other, path)
+
+
+BAD_INPUT = [
+    (["--env-id", "RepeatFirstEsy"], "unknown env id", 2),
+    (["--env-id", "PositionOnlyPendulumEasy"], "discrete action space", 2),
+    (["--batch-size", "0"], "--batch-size must be positive", 2),
+    (["--batch-size", "20"], "smaller than the longest episode", 2),
+    (["--buffer-size", "50"], "smaller than the longest episode", 2),
+    (["--gamma", "1.5"], "--gamma must be in [0, 1]", 2),
+    (["--load-model", "missing.npz"], "no such file", 2),
+    (["--learning-rate", "1e30", *TINY], "non-finite", 1),
+]
+
+
+@pytest.mark.parametrize("flags,message,code", BAD_INPUT, ids=[b[1] for b in BAD_INPUT])
+def test_bad_input_is_one_clear_line(flags, message, code, tmp_path):
+    p = run_script("ffm_tbb_dqn.py", *flags, "--output-dir", str(tmp_path))
+    assert p.returncode == code
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in p.stderr, p.stderr
