@@ -11,12 +11,26 @@ import os
 import subprocess
 import sys
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import ffm_tbb_dqn as ffm
+from discounted_return_scan import (
+    blocked_scan,
+    discounted_prefix_sum,
+    discounted_return,
+    jit_episode_returns,
+    lax_scan_returns,
+    numpy_loop_returns,
+    parse_args as parse_returns_args,
+    reset_return_op,
+    return_op,
+    sequential_scan,
+)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCANS = ("associative", "sequential")
@@ -348,3 +362,188 @@ def test_bad_input_is_one_clear_line(flags, message, code, tmp_path):
     assert p.returncode == code
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in p.stderr, p.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# discounted_return_scan.py: the return-to-go memoroid against plain loops
+# ---------------------------------------------------------------------------------------------
+SCRIPT = os.path.join(HERE, "discounted_return_scan.py")
+TAPE_LENGTH = 48  # one shape for every random tape, so each scan compiles once
+GAMMAS = [0.0, 0.9, 1.0]
+RETURN_SCANS = {
+    "associative": jax.lax.associative_scan,
+    "sequential": sequential_scan,
+    "blocked": partial(blocked_scan, block_size=5),  # 48 is not a multiple of 5: exercises padding
+}
+jit_return = jax.jit(discounted_return, static_argnames="scan")
+jit_prefix = jax.jit(discounted_prefix_sum, static_argnames="scan")
+
+
+def loop_returns(rewards, ends, gamma, bootstrap=None):
+    """G_t = r_t + gamma * (bootstrap_t if t ends an episode else G_{t+1}); the tape end is an end."""
+    out, g = [], 0.0
+    for t in reversed(range(len(rewards))):
+        if ends[t] or t == len(rewards) - 1:
+            g = 0.0 if bootstrap is None else float(bootstrap[t])
+        g = float(rewards[t]) + gamma * g
+        out.append(g)
+    return np.array(out[::-1])
+
+
+def loop_prefix(rewards, ends, gamma):
+    """P_t = sum_{k=s..t} gamma^(k-s) r_k, restarting after every episode end."""
+    out, total, weight = [], 0.0, 1.0
+    for t in range(len(rewards)):
+        if t == 0 or ends[t - 1]:
+            total, weight = 0.0, 1.0
+        total += weight * float(rewards[t])
+        weight *= gamma
+        out.append(total)
+    return np.array(out)
+
+
+def random_return_tape(seed, length=TAPE_LENGTH):
+    """Signed rewards and episode ends: short episodes, many of length 1, the last maybe unfinished."""
+    rng = np.random.default_rng(seed)
+    rewards = rng.normal(size=length).astype(np.float32)
+    ends = rng.random(length) < 0.3
+    ends[rng.integers(0, length, size=6)] = True
+    ends[5:9] = True  # a run of length-1 episodes
+    return rewards, ends
+
+
+def assert_returns_close(actual, expected):
+    np.testing.assert_allclose(np.asarray(actual), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("scan", RETURN_SCANS)
+@pytest.mark.parametrize("gamma", GAMMAS)
+def test_return_matches_loop(scan, gamma):
+    for seed in range(3):
+        rewards, ends = random_return_tape(seed)
+        actual = jit_return(rewards, ends, gamma, scan=RETURN_SCANS[scan])
+        assert_returns_close(actual, loop_returns(rewards, ends, gamma))
+
+
+@pytest.mark.parametrize("gamma", GAMMAS)
+def test_return_baselines_match_loop(gamma):
+    for seed in range(3):
+        rewards, ends = random_return_tape(seed)
+        expected = loop_returns(rewards, ends, gamma)
+        assert_returns_close(numpy_loop_returns(rewards, ends, gamma), expected)
+        assert_returns_close(jax.jit(lax_scan_returns)(rewards, ends, gamma), expected)
+        assert_returns_close(jit_episode_returns(rewards, ends, gamma), expected)
+
+
+def test_gamma_zero_and_length_one_episodes_give_rewards():
+    rewards, ends = random_return_tape(7)
+    assert_returns_close(jit_return(rewards, ends, 0.0), rewards)
+    assert_returns_close(jit_return(rewards, np.ones(TAPE_LENGTH, bool), 0.9), rewards)
+    assert_returns_close(jit_prefix(rewards, np.ones(TAPE_LENGTH, bool), 0.9), rewards)
+
+
+def test_gamma_one_is_undiscounted_sum_to_episode_end():
+    rewards = np.arange(1, 7, dtype=np.float32)
+    ends = np.array([0, 0, 1, 0, 0, 0], bool)  # episodes [1, 2, 3] and [4, 5, 6], the last unfinished
+    assert_returns_close(jit_return(rewards, ends, 1.0, scan=sequential_scan), [6, 5, 3, 15, 11, 6])
+    assert_returns_close(jit_prefix(rewards, ends, 1.0, scan=sequential_scan), [1, 3, 6, 4, 9, 15])
+
+
+@pytest.mark.parametrize("scan", RETURN_SCANS)
+def test_return_truncation_vs_termination(scan):
+    gamma = 0.9
+    rewards, _ = random_return_tape(3)
+    rng = np.random.default_rng(3)
+    terminated = rng.random(TAPE_LENGTH) < 0.15
+    truncated = (rng.random(TAPE_LENGTH) < 0.15) & ~terminated
+    terminated[-1] = truncated[-1] = False  # the rollout stops mid-episode ...
+    cut = truncated.copy()
+    cut[-1] = True  # ... so the tape's end is a truncation too
+    next_value = rng.normal(size=TAPE_LENGTH).astype(np.float32)
+    ends = terminated | truncated
+    bootstrap = np.where(cut, next_value, 0.0).astype(np.float32)
+
+    stopped = jit_return(rewards, ends, gamma, scan=RETURN_SCANS[scan])
+    assert_returns_close(stopped, loop_returns(rewards, ends, gamma))
+    booted = jit_return(rewards, ends, gamma, bootstrap, scan=RETURN_SCANS[scan])
+    assert_returns_close(booted, loop_returns(rewards, ends, gamma, bootstrap))
+    assert_returns_close(np.asarray(booted)[terminated], rewards[terminated])
+    assert_returns_close(np.asarray(booted)[cut], rewards[cut] + gamma * next_value[cut])
+    assert_returns_close(np.asarray(stopped)[cut], rewards[cut])
+    # Bootstrap values are ignored away from episode ends.
+    noisy = np.where(cut | terminated, bootstrap, 1e3).astype(np.float32)
+    assert_returns_close(jit_return(rewards, ends, gamma, noisy, scan=RETURN_SCANS[scan]), booted)
+
+
+@pytest.mark.parametrize("scan", RETURN_SCANS)
+@pytest.mark.parametrize("gamma", GAMMAS)
+def test_prefix_sum_matches_loop(scan, gamma):
+    for seed in range(3):
+        rewards, ends = random_return_tape(seed)
+        actual = jit_prefix(rewards, ends, gamma, scan=RETURN_SCANS[scan])
+        assert_returns_close(actual, loop_prefix(rewards, ends, gamma))
+
+
+def random_return_elements(rng, size=1000):
+    """Random ((discount, value), reset) elements, float32."""
+    pair = (rng.uniform(0, 1, size).astype(np.float32), rng.normal(size=size).astype(np.float32))
+    return pair, rng.random(size) < 0.3
+
+
+@pytest.mark.parametrize("op", [return_op, reset_return_op, partial(reset_return_op, reverse=True)],
+                         ids=["return_op", "reset_return_op", "reset_return_op_reverse"])
+def test_return_ops_are_associative_with_identity(op):
+    rng = np.random.default_rng(0)
+    a, b, c = (random_return_elements(rng) for _ in range(3))
+    if op is return_op:
+        a, b, c = a[0], b[0], c[0]
+        identity = (np.float32(1), np.float32(0))
+    else:
+        identity = ((np.float32(1), np.float32(0)), False)
+    left, right = op(op(a, b), c), op(a, op(b, c))
+    for x, y in zip(jax.tree.leaves(left), jax.tree.leaves(right)):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
+    for with_identity in (op(identity, a), op(a, identity)):
+        for x, y in zip(jax.tree.leaves(with_identity), jax.tree.leaves(a)):
+            np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("scan", ["sequential", "blocked"])
+def test_blocked_and_sequential_scans_keep_operand_order(scan, reverse):
+    """With a non-commutative op (2x2 matrix products) the scans match a loop, like associative_scan."""
+    matrices = np.random.default_rng(1).normal(size=(61, 2, 2)).astype(np.float32)
+    expected, product = [], np.eye(2)
+    for m in (matrices[::-1] if reverse else matrices):
+        product = product @ m
+        expected.append(product)
+    expected = np.array(expected[::-1] if reverse else expected)
+    actual = RETURN_SCANS[scan](jnp.matmul, jnp.asarray(matrices), reverse=reverse)
+    np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(jax.lax.associative_scan(jnp.matmul, matrices, reverse=reverse), expected,
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_returns_script_smoke(tmp_path):
+    result = subprocess.run(
+        [sys.executable, SCRIPT, "--episode-lengths", "3,20", "--episode-counts", "2,10",
+         "--repeats", "1", "--output-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "returns_timing.csv").stat().st_size > 0
+    assert (tmp_path / "returns_timing.png").stat().st_size > 0
+    assert "vs_lax_scan" in result.stdout
+    with open(tmp_path / "returns_timing.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 * 5 and {row["status"] for row in rows} == {"ok"}
+    assert all(float(row["median_s"]) > 0 for row in rows)
+
+
+@pytest.mark.parametrize("flags", [["--gamma", "1.5"], ["--repeats", "0"], ["--methods", "nope"],
+                                   ["--episode-counts", "10,x"], ["--block-size", "-3"], ["--seed", "inf"],
+                                   ["--bogus"]])
+def test_returns_script_bad_flags_are_one_line(flags, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_returns_args(flags)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "error" in err

@@ -1,0 +1,152 @@
+"""Throughput of the TBB scripts: collection, one update at several tape sizes, whole runs.
+
+    python benchmarks/throughput.py                       # everything (~10 min on 2 CPU cores)
+    python benchmarks/throughput.py --skip-runs           # only collection and update timings
+
+Prints tables; nothing is asserted. Timings exclude compilation, which is reported apart.
+The whole-run rows call the scripts as subprocesses and read their metrics.csv, so they time
+exactly what a user runs.
+"""
+
+import argparse
+import csv
+import importlib
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+MODELS = {"ffm": "ffm_tbb_dqn", "lru": "lru_tbb_dqn", "linear_transformer": "linear_transformer_tbb_dqn"}
+# The paper code's recipe on RepeatFirstEasy (shared notes, issue 2): 5000 random episodes,
+# then one B=1000 update per 51-step episode. With 16 envs: 16 updates every 816 steps.
+PAPER_RECIPE = ["--learning-starts", "255000", "--train-frequency", "816", "--updates-per-train",
+                "16", "--buffer-size", "500000", "--eval-every", "5000", "--log-every", "5000"]
+
+
+def median_ms(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t)
+    return 1e3 * float(np.median(times))
+
+
+def filled_tape(mod, capacity, obs_dim, episode_length, seed=0):
+    """A tape holding random episodes of one length (RepeatFirstEasy's 51 by default)."""
+    rng = np.random.default_rng(seed)
+    tape = mod.init_tape(capacity, obs_dim)
+    for _ in range(capacity // episode_length):
+        obs = rng.normal(size=(episode_length, obs_dim)).astype(np.float32)
+        episode = (obs, rng.integers(0, 4, episode_length), rng.normal(size=episode_length),
+                   np.roll(obs, -1, 0), np.arange(episode_length) == episode_length - 1,
+                   np.zeros(episode_length, bool))
+        tape = mod.add_episode(tape, episode, np.int32(episode_length))
+    return tape
+
+
+def update_timings(mod, batch_sizes, scans, repeats, obs_dim=10, num_actions=4):
+    rows = []
+    for batch_size in batch_sizes:
+        for scan in scans:
+            args = mod.parse_args(["--batch-size", str(batch_size), "--updates-per-train", "1"])
+            params = mod.init_params(jax.random.PRNGKey(0), obs_dim, num_actions, args)
+            optimizer = mod.make_optimizer(args)
+            state = mod.TrainState(params, jax.tree.map(jnp.copy, params), optimizer.init(params))
+            train_phase = mod.make_train_phase(optimizer, args, scan)
+            tape = filled_tape(mod, max(4 * batch_size, 20_000), obs_dim, 51)
+            key = jax.random.PRNGKey(1)
+            t = time.perf_counter()
+            state, metrics = train_phase(state, tape, key)
+            jax.block_until_ready(metrics)
+            compile_s = time.perf_counter() - t
+
+            def one():
+                nonlocal state
+                state, m = train_phase(state, tape, key)
+                return m
+
+            rows.append((batch_size, scan, median_ms(one, repeats), compile_s))
+    return rows
+
+
+def run_script(script, flags):
+    """Run a script to completion; return its metrics rows and peak RSS (MiB)."""
+    with tempfile.TemporaryDirectory() as out:
+        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, script), *flags,
+                                 "--output-dir", out], stdout=subprocess.DEVNULL)
+        _, status, usage = os.wait4(proc.pid, 0)
+        if status != 0:
+            raise SystemExit(f"{script} {' '.join(flags)} failed")
+        (run_dir,) = os.listdir(out)
+        with open(os.path.join(out, run_dir, "metrics.csv")) as f:
+            rows = list(csv.DictReader(f))
+    return rows, usage.ru_maxrss / 1024
+
+
+def first_reaching(rows, threshold):
+    for r in rows:
+        if r["eval_return"] != "nan" and float(r["eval_return"]) >= threshold:
+            return int(r["global_step"]), float(r["elapsed_s"])
+    return None, None
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1000, 4000, 16000])
+    p.add_argument("--repeats", type=int, default=10, help="timed repeats (median)")
+    p.add_argument("--collect-steps", type=int, default=100_000,
+                   help="env steps of the collection-only run")
+    p.add_argument("--skip-runs", action="store_true",
+                   help="skip the whole-run rows (default flags, paper recipe)")
+    args = p.parse_args()
+    print(f"jax {jax.__version__}, backend {jax.default_backend()}, {os.cpu_count()} CPU cores")
+
+    present = {m: s for m, s in MODELS.items()
+               if m in args.models and os.path.exists(os.path.join(ROOT, s + ".py"))}
+    print("\nCollection with network acting (script run with no training), RepeatFirstEasy")
+    print(f"{'model':<20}{'envs':>6}{'env-steps/s':>14}{'peak RSS MiB':>14}")
+    for model, script in present.items():
+        for num_envs in (16, 64):
+            rows, rss = run_script(script + ".py", [
+                "--total-timesteps", str(args.collect_steps), "--learning-starts",
+                str(args.collect_steps), "--num-envs", str(num_envs), "--eval-every",
+                str(args.collect_steps), "--log-every", str(args.collect_steps)])
+            print(f"{model:<20}{num_envs:>6}{float(rows[-1]['sps']):>14,.0f}{rss:>14,.0f}")
+
+    print("\nOne update (sample + loss + AdamW + target), default model sizes, median ms")
+    print(f"{'model':<20}{'B':>7}{'scan':>13}{'ms/update':>11}{'compile s':>11}")
+    for model, script in present.items():
+        mod = importlib.import_module(script)
+        for batch_size, scan, ms, compile_s in update_timings(
+                mod, args.batch_sizes, ("associative", "sequential"), args.repeats):
+            print(f"{model:<20}{batch_size:>7}{scan:>13}{ms:>11.1f}{compile_s:>11.1f}")
+
+    if args.skip_runs:
+        return
+    print("\nWhole runs on RepeatFirstEasy (wall time includes compilation)")
+    print(f"{'model':<20}{'recipe':<14}{'SPS':>8}{'steps to 0.9':>14}{'s to 0.9':>10}"
+          f"{'s to 0.99':>11}{'final eval':>12}{'peak RSS MiB':>14}")
+    for model, script in present.items():
+        for recipe, flags in (("default", []), ("paper", PAPER_RECIPE + ["--total-timesteps", "400000"])):
+            rows, rss = run_script(script + ".py", flags)
+            step90, t90 = first_reaching(rows, 0.9)
+            _, t99 = first_reaching(rows, 0.99)
+            fmt = lambda x, f: "never" if x is None else format(x, f)  # noqa: E731
+            print(f"{model:<20}{recipe:<14}{float(rows[-1]['sps']):>8,.0f}{fmt(step90, ',d'):>14}"
+                  f"{fmt(t90, '.0f'):>10}{fmt(t99, '.0f'):>11}"
+                  f"{float(rows[-1]['eval_return']):>12.3f}{rss:>14,.0f}")
+
+
+if __name__ == "__main__":
+    main()
