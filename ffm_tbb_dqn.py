@@ -243,8 +243,8 @@ def init_params(key, obs_dim, num_actions, args):
         "embed_ln": {"scale": jnp.ones(h), "bias": jnp.zeros(h)},
         "ffm": {
             "pre": init_linear(k[1], h, 2 * m),  # trace input and its gate
-            # Decay rates spread so traces remember from ~1 to ~1e6 steps; periods spread
-            # from min to max period (FFM's initialisation).
+            # FFM's initialisation: decay rates |a_j| from e down to 1e-6 (memories from under
+            # a step to ~1e6 steps), oscillation periods from --min-period to --max-period.
             "decay": jnp.linspace(-np.e, -1e-6, m),
             "freq": 2 * np.pi / jnp.linspace(args.min_period, args.max_period, c),
             "mix": init_linear(k[2], 2 * m * c, h),
@@ -275,7 +275,7 @@ def input_map(params, h):
     p = params["ffm"]
     value, gate = jnp.split(linear(p["pre"], h), 2, axis=-1)
     x = value * jax.nn.sigmoid(gate)
-    gamma = ffm_gamma(p)  # computed once per call: complex exp is costly (shared notes, 3)
+    gamma = ffm_gamma(p)  # once per call, not per step: a complex exp costs ~18 float exps
     s = jnp.broadcast_to(x[..., None], x.shape + (gamma.shape[-1],)).astype(jnp.complex64)
     return s, jnp.broadcast_to(gamma, s.shape)
 
@@ -502,8 +502,8 @@ def epsilon_at(step, args):
 
 
 def pick_scan(choice):
-    # On a CPU the O(n) lax.scan beats the O(n log n)-work associative scan (shared notes, 3);
-    # on a GPU/TPU the O(log n) depth of the associative scan wins at large B.
+    # On a CPU the O(n)-work lax.scan beats the O(n log n)-work associative scan at every tape
+    # length we measured; on a GPU/TPU the O(log n) depth of the associative scan wins at large B.
     if choice != "auto":
         return choice
     return "sequential" if jax.default_backend() == "cpu" else "associative"

@@ -26,7 +26,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 MODELS = {"ffm": "ffm_tbb_dqn", "lru": "lru_tbb_dqn", "linear_transformer": "linear_transformer_tbb_dqn"}
-# The paper code's recipe on RepeatFirstEasy (shared notes, issue 2): 5000 random episodes,
+# The paper code's recipe on RepeatFirstEasy: 5000 random episodes,
 # then one B=1000 update per 51-step episode. With 16 envs: 16 updates every 816 steps.
 PAPER_RECIPE = ["--learning-starts", "255000", "--train-frequency", "816", "--updates-per-train",
                 "16", "--buffer-size", "500000", "--eval-every", "5000", "--log-every", "5000"]
