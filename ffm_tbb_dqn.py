@@ -56,6 +56,8 @@ def check_model_flags(args):
 class UsageError(Exception):
     """A bad flag or environment: reported as one line on stderr, exit code 2."""
 
+    exit_code = 2
+
 
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
@@ -643,8 +645,32 @@ def load_params(template, path):
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
-METRICS = ("global_step", "episodes", "updates", "train_return", "eval_return", "td_loss",
-           "q_values", "epsilon", "sps", "elapsed_s")
+class Progress:
+    """One metrics.csv row and one progress line every --log-every steps."""
+
+    COLUMNS = ("global_step", "episodes", "updates", "train_return", "eval_return", "td_loss",
+               "q_values", "epsilon", "sps", "elapsed_s")
+
+    def __init__(self, run_dir, total_timesteps):
+        self.file = open(os.path.join(run_dir, "metrics.csv"), "w", newline="")
+        self.writer = csv.DictWriter(self.file, self.COLUMNS)
+        self.writer.writeheader()
+        self.total = total_timesteps
+        self.t0 = time.time()
+
+    def log(self, **row):
+        elapsed = time.time() - self.t0
+        step = row["global_step"]
+        row.update(sps=step / elapsed, elapsed_s=elapsed)  # sps: average since the start
+        self.writer.writerow(row)
+        self.file.flush()
+        print(f"step {step:>9,d} | SPS {row['sps']:6.0f} | train return "
+              f"{row['train_return']:+.3f} | eval return {row['eval_return']:+.3f} | loss "
+              f"{row['td_loss']:.2e} | eps {row['epsilon']:.3f} | {clock(elapsed)} elapsed, "
+              f"ETA {clock(elapsed * (self.total - step) / step)}", flush=True)
+
+    def close(self):
+        self.file.close()
 
 
 def plot_learning_curve(csv_path, png_path, title):
@@ -671,7 +697,9 @@ def clock(seconds):
 
 # ==== shared: main ====
 class Diverged(Exception):
-    """The loss became non-finite: exit code 1."""
+    """The loss became non-finite: reported as one line on stderr, exit code 1."""
+
+    exit_code = 1
 
 
 def train(args):
@@ -718,10 +746,7 @@ def train(args):
     next_train, next_eval, next_log = args.learning_starts, args.eval_every, args.log_every
     print(f"{run_name}: {args.env_id} (episodes <= {cap} steps), {scan} scan, "
           f"backend {jax.default_backend()}, run folder {run_dir}")
-    csv_file = open(os.path.join(run_dir, "metrics.csv"), "w", newline="")
-    writer = csv.DictWriter(csv_file, METRICS)
-    writer.writeheader()
-    t0 = time.time()
+    progress = Progress(run_dir, args.total_timesteps)
     while step < args.total_timesteps:
         epsilon = epsilon_at(step, args)
         actions, carry = act(state.params, carry, obs, start, epsilon, act_key, step)
@@ -750,25 +775,18 @@ def train(args):
             eval_return = evaluate(state.params, eval_envs, args.eval_episodes)
             next_eval += args.eval_every
         if step >= next_log or finished:
-            phase = {k: float(np.mean([m[k] for m in phase_metrics])) if phase_metrics
-                     else float("nan") for k in ("td_loss", "q_values")}
+            # Metrics stay on the device until here: one sync per log line, not per phase.
+            phase = {name: float(np.mean([m[name] for m in phase_metrics]))
+                     if phase_metrics else float("nan") for name in ("td_loss", "q_values")}
             if phase_metrics and not np.isfinite(phase["td_loss"]):
                 raise Diverged(f"the TD loss became non-finite by step {step}; "
                                "try a lower --learning-rate or --max-grad-norm")
-            elapsed = time.time() - t0
-            row = {"global_step": step, "episodes": episodes, "updates": updates,
-                   "train_return": float(np.mean(returns)) if returns else float("nan"),
-                   "eval_return": eval_return, **phase, "epsilon": epsilon,
-                   "sps": step / elapsed, "elapsed_s": elapsed}
-            writer.writerow(row)
-            csv_file.flush()
-            print(f"step {step:>9,d} | SPS {row['sps']:6.0f} | train return "
-                  f"{row['train_return']:+.3f} | eval return {eval_return:+.3f} | loss "
-                  f"{row['td_loss']:.2e} | eps {epsilon:.3f} | {clock(elapsed)} elapsed, ETA "
-                  f"{clock(elapsed * (args.total_timesteps - step) / step)}", flush=True)
+            progress.log(global_step=step, episodes=episodes, updates=updates,
+                         train_return=np.mean(returns) if returns else float("nan"),
+                         eval_return=eval_return, epsilon=epsilon, **phase)
             returns, phase_metrics, eval_return = [], [], float("nan")
             next_log += args.log_every
-    csv_file.close()
+    progress.close()
     envs.close()
     eval_envs.close()
     plot_learning_curve(os.path.join(run_dir, "metrics.csv"),
@@ -776,7 +794,7 @@ def train(args):
                         f"{args.exp_name} on {args.env_id}")
     if args.save_model:
         save_params(state.params, os.path.join(run_dir, "params.npz"))
-    print(f"done: {step:,d} steps in {clock(time.time() - t0)}; results in {run_dir}")
+    print(f"done: {step:,d} steps in {clock(time.time() - progress.t0)}; results in {run_dir}")
     return run_dir
 
 
@@ -785,12 +803,9 @@ def run(argv=None):
     prog = os.path.basename(__file__)
     try:
         return train(parse_args(argv))
-    except UsageError as e:
+    except (UsageError, Diverged) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except Diverged as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(e.exit_code)
 # ==== end shared: main ====
 
 

@@ -114,15 +114,19 @@ def main():
 
     present = {m: s for m, s in MODELS.items()
                if m in args.models and os.path.exists(os.path.join(ROOT, s + ".py"))}
-    print("\nCollection with network acting (script run with no training), RepeatFirstEasy")
+    print("\nCollection with network acting (script run with no training), RepeatFirstEasy;")
+    print("steady state: steps / seconds between the first and the last progress line")
     print(f"{'model':<20}{'envs':>6}{'env-steps/s':>14}{'peak RSS MiB':>14}")
     for model, script in present.items():
-        for num_envs in (16, 64):
+        for num_envs in (16, 32, 64):
             rows, rss = run_script(script + ".py", [
                 "--total-timesteps", str(args.collect_steps), "--learning-starts",
                 str(args.collect_steps), "--num-envs", str(num_envs), "--eval-every",
-                str(args.collect_steps), "--log-every", str(args.collect_steps)])
-            print(f"{model:<20}{num_envs:>6}{float(rows[-1]['sps']):>14,.0f}{rss:>14,.0f}")
+                str(args.collect_steps), "--log-every", str(args.collect_steps // 5)])
+            first, last = rows[0], rows[-1]
+            sps = ((int(last["global_step"]) - int(first["global_step"]))
+                   / (float(last["elapsed_s"]) - float(first["elapsed_s"])))
+            print(f"{model:<20}{num_envs:>6}{sps:>14,.0f}{rss:>14,.0f}")
 
     print("\nOne update (sample + loss + AdamW + target), default model sizes, median ms")
     print(f"{'model':<20}{'B':>7}{'scan':>13}{'ms/update':>11}{'compile s':>11}")
