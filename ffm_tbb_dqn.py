@@ -245,9 +245,10 @@ def init_params(key, obs_dim, num_actions, args):
         "embed_ln": {"scale": jnp.ones(h), "bias": jnp.zeros(h)},
         "ffm": {
             "pre": init_linear(k[1], h, 2 * m),  # trace input and its gate
-            # FFM's initialisation: decay rates |a_j| from e down to 1e-6 (memories from under
-            # a step to ~1e6 steps), oscillation periods from --min-period to --max-period.
-            "decay": jnp.linspace(-np.e, -1e-6, m),
+            # Decay rates |a_j| from 0.5 down to 1e-6 (memories of ~2 to ~1e6 steps), as in
+            # the memoroid authors' FFM; FFM's first release started at e (under a step) and
+            # learned RepeatFirstEasy ~1.5x slower here. Periods: --min-period to --max-period.
+            "decay": jnp.linspace(-0.5, -1e-6, m),
             "freq": 2 * np.pi / jnp.linspace(args.min_period, args.max_period, c),
             "mix": init_linear(k[2], 2 * m * c, h),
             "post": init_linear(k[3], h, 2 * h),  # output gate and skip

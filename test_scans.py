@@ -7,6 +7,7 @@ Run: python -m pytest -q
 
 import collections
 import csv
+import importlib
 import os
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import pytest
 import ffm_tbb_dqn as ffm
 import linear_transformer_tbb_dqn as lt
 import lru_tbb_dqn as lru
+import sbb_baseline_dqn as sbb
 from discounted_return_scan import (
     blocked_scan,
     discounted_prefix_sum,
@@ -809,6 +811,319 @@ def test_bad_input_exit_code_from_the_shell(tmp_path):
     p = run_script("ffm_tbb_dqn.py", "--env-id", "NoSuchEnv", "--output-dir", str(tmp_path))
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert p.stderr.strip().splitlines() == [p.stderr.strip()] and "unknown env id" in p.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# sbb_baseline_dqn.py: the Segment-Based Batching baseline
+# ---------------------------------------------------------------------------------------------
+SBB_MODEL_FLAGS = ["--hidden-size", "16", "--trace-size", "4", "--context-size", "3",
+                   "--max-period", "16", "--state-size", "4", "--num-layers", "2",
+                   "--key-size", "4", "--value-size", "3", "--num-heads", "2"]
+TBB_MODULES = {"ffm": "ffm_tbb_dqn", "lru": "lru_tbb_dqn",
+               "linear_transformer": "linear_transformer_tbb_dqn"}
+MEMORY_NAMES = tuple(sbb.MEMORIES)
+
+
+def sbb_args(memory, *flags):
+    return sbb.parse_args(["--memory", memory, *SBB_MODEL_FLAGS, *flags])
+
+
+def sbb_init(memory, seed):
+    args = sbb_args(memory)
+    return jax.jit(lambda k: sbb.init_params(k, OBS_DIM, NUM_ACTIONS, args))(jax.random.PRNGKey(seed))
+
+
+@pytest.fixture(scope="module")
+def sbb_params():
+    return {m: sbb_init(m, 0) for m in MEMORY_NAMES}
+
+
+sbb_q_tape_jit = jax.jit(sbb.q_tape, static_argnums=4)
+sbb_q_segments_jit = jax.jit(sbb.q_segments, static_argnums=3)
+
+
+def tbb_module(memory):
+    """The TBB script of this memory, or a skip while its file does not exist yet."""
+    name = TBB_MODULES[memory]
+    if not os.path.exists(os.path.join(HERE, name + ".py")):
+        pytest.skip(f"{name}.py does not exist yet")
+    return importlib.import_module(name)
+
+
+# ---------------------------------------------------------------------------------------------
+# The memories are the TBB scripts' memories: same params from the same key, same Q values
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("memory", MEMORY_NAMES)
+def test_memory_math_equals_the_tbb_script(memory, sbb_params):
+    tbb = tbb_module(memory)
+    # The TBB parser knows only its own model's flags; the shared ones mean the same there.
+    tbb_flags = {"ffm": SBB_MODEL_FLAGS[:8], "lru": SBB_MODEL_FLAGS[:2] + SBB_MODEL_FLAGS[8:12],
+                 "linear_transformer": SBB_MODEL_FLAGS[:2] + SBB_MODEL_FLAGS[12:]}[memory]
+    tbb_args = tbb.parse_args(tbb_flags)
+    tbb_params = jax.jit(lambda k: tbb.init_params(k, OBS_DIM, NUM_ACTIONS, tbb_args))(jax.random.PRNGKey(0))
+    params = sbb_params[memory]
+    assert jax.tree.structure(params) == jax.tree.structure(tbb_params)
+    assert_tree_close(params, tbb_params, rtol=1e-6, atol=1e-7)  # both jitted: equal to rounding
+    lengths = [9, 4]
+    obs, next_obs, start = random_tape_obs(lengths, seed=5)
+    for scan in ("sequential", "associative"):
+        assert_tree_close(sbb_q_tape_jit(params, obs, next_obs, start, scan),
+                          jax.jit(tbb.q_tape, static_argnums=4)(params, obs, next_obs, start, scan))
+    # A segment is its episode's steps k..k+L-1 run from the identity, i.e. TBB on that slice.
+    L = 4
+    seg_obs, seg_next = obs[5:9].reshape(1, L, OBS_DIM), next_obs[5:9].reshape(1, L, OBS_DIM)
+    q, q_next = sbb_q_segments_jit(params, seg_obs, seg_next, "sequential")
+    expect = jax.jit(tbb.q_tape, static_argnums=4)(params, obs[5:9], next_obs[5:9],
+                                                     episode_starts([L]), "sequential")
+    assert_tree_close((q[0], q_next[0]), expect)
+    # And the acting path is the TBB acting path.
+    q_loop = step_loop(sbb, params, obs, start)
+    np.testing.assert_allclose(q_loop, step_loop(tbb, params, obs, start), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("memory", MEMORY_NAMES)
+def test_ops_are_associative_with_identity(memory):
+    m = sbb.MEMORIES[memory]
+    rng = np.random.default_rng(0)
+    x = tuple(jnp.asarray(rng.normal(size=(3, 4)) + 1j * rng.normal(size=(3, 4)), jnp.complex64)
+              for _ in range(2))
+    a, b, c = (jax.tree.map(lambda v, i=i: v[i], x) for i in range(3))
+    assert_tree_close(m.monoid_op(m.monoid_op(a, b), c), m.monoid_op(a, m.monoid_op(b, c)))
+    e = m.identity_like(a)
+    assert_tree_close(m.monoid_op(e, a), a, rtol=0, atol=0)
+    assert_tree_close(m.monoid_op(a, e), a, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The segment buffer
+# ---------------------------------------------------------------------------------------------
+def tagged_episode(ep_id, length, cap, obs_dim=2, junk=9.0):
+    """Fields padded to `cap` with junk (as stale staging rows are); every real value encodes
+    (episode id, step)."""
+    t = np.arange(cap)
+    real = t < length
+    obs = np.where(real[:, None], np.stack([np.full(cap, ep_id), t], 1), junk).astype(np.float32)
+    return (obs, np.where(real, (ep_id * 7 + t) % 5 + 1, 3), np.where(real, ep_id + t / 1000.0, junk).astype(np.float32),
+            np.where(real[:, None], obs + 0.5, junk), real & (t == length - 1), np.where(real, False, True))
+
+
+def python_split(episode, length, L):
+    """Plain Python: the segments of one episode, each a dict of [L] lists, padded with 0."""
+    segments = []
+    for begin in range(0, length, L):
+        seg = {"mask": [begin + i < length for i in range(L)]}
+        for name, field in zip(sbb.Batch._fields[:6], episode):
+            seg[name] = [field[begin + i] if begin + i < length else np.zeros_like(field[0])
+                         for i in range(L)]
+        segments.append(seg)
+    return segments
+
+
+def assert_segment(buffer, slot, expect):
+    for name, values in expect.items():
+        np.testing.assert_array_equal(np.asarray(getattr(buffer, name)[slot]), np.array(values), err_msg=name)
+
+
+@pytest.mark.parametrize("L", [1, 4, 13, 20])
+def test_segments_and_masks_reconstruct_each_episode(L):
+    cap, capacity = 13, 60 // L
+    buffer = sbb.init_segments(capacity, L, 2)
+    reference = collections.deque(maxlen=capacity)  # (episode id, k, segment), oldest first
+    episodes = {}
+    rng = np.random.default_rng(L)
+    for ep_id in range(40):  # several trips around the ring
+        length = int(rng.integers(1, cap + 1))
+        episode = tagged_episode(ep_id, length, cap)
+        episodes[ep_id] = (episode, length)
+        buffer = sbb.add_episode(buffer, episode, np.int32(length))
+        for k, seg in enumerate(python_split(episode, length, L)):
+            reference.append((ep_id, k, seg))
+        assert int(buffer.size) == len(reference)
+    # Every stored segment equals the plain split, in ring order (the oldest overwritten).
+    oldest = (int(buffer.next) - int(buffer.size)) % capacity
+    for i, (_, _, seg) in enumerate(reference):
+        assert_segment(buffer, (oldest + i) % capacity, seg)
+    # Concatenating an episode's segments and dropping mask-0 steps gives the episode back.
+    by_episode = collections.defaultdict(list)
+    for i, (ep_id, k, _) in enumerate(reference):
+        by_episode[ep_id].append((k, (oldest + i) % capacity))
+    mask = np.asarray(buffer.mask)
+    for ep_id, slots in by_episode.items():
+        episode, length = episodes[ep_id]
+        ks = [k for k, _ in slots]
+        if ks[0] != 0:  # partly overwritten: only its last segments remain
+            continue
+        assert ks == list(range(-(-length // L)))
+        rows = [s for _, s in slots]
+        keep = mask[rows].reshape(-1)
+        assert keep.sum() == length and keep[:length].all()  # padding only at the end
+        for name, field in zip(sbb.Batch._fields[:6], episode):
+            stored = np.asarray(getattr(buffer, name))[rows]
+            stored = stored.reshape((-1,) + stored.shape[2:])
+            np.testing.assert_array_equal(stored[keep], np.asarray(field)[:length].astype(stored.dtype))
+            assert not stored[~keep].any(), f"{name}: padding is not zero"
+    # Sampled segments are stored segments (rows of the ring), drawn among the stored ones.
+    batch = jax.jit(sbb.sample_segments, static_argnums=2)(buffer, jax.random.PRNGKey(0), 50)
+    assert batch.obs.shape == (50, L, 2) and bool(batch.mask[:, 0].all())
+    stored = {np.asarray(buffer.obs[s]).tobytes() for s in range(capacity)}
+    assert all(np.asarray(o).tobytes() in stored for o in batch.obs)
+
+
+def test_sampling_is_uniform_over_stored_segments():
+    L, capacity = 5, 10
+    buffer = sbb.init_segments(capacity, L, 2)
+    for ep_id, length in enumerate([12, 3, 5]):  # 3 + 1 + 1 = 5 segments, the ring half full
+        buffer = sbb.add_episode(buffer, tagged_episode(ep_id, length, 13), np.int32(length))
+    batch = sbb.sample_segments(buffer, jax.random.PRNGKey(0), 20000)
+    key = np.asarray(batch.obs[:, 0, 0]) * 100 + np.asarray(batch.obs[:, 0, 1])  # (episode, first step)
+    values, counts = np.unique(key, return_counts=True)
+    assert set(values) == {0, 5, 10, 100, 200}
+    np.testing.assert_allclose(counts / counts.sum(), 0.2, atol=0.02)
+
+
+# ---------------------------------------------------------------------------------------------
+# The masked loss
+# ---------------------------------------------------------------------------------------------
+def sbb_random_batch(lengths, L, seed=0):
+    """The segments of episodes of the given lengths (each episode's own split), as a Batch."""
+    rng = np.random.default_rng(seed)
+    segments = []
+    for ep_id, length in enumerate(lengths):
+        obs = rng.normal(size=(length, OBS_DIM)).astype(np.float32)
+        next_obs = np.concatenate([obs[1:], rng.normal(size=(1, OBS_DIM))]).astype(np.float32)
+        term = np.arange(length) == length - 1
+        episode = (obs, rng.integers(0, NUM_ACTIONS, length), rng.normal(size=length).astype(np.float32),
+                   next_obs, term & (ep_id % 2 == 0), term & (ep_id % 2 == 1))
+        fields, mask = sbb.split_episode(episode, length, L)
+        segments.append((fields, mask))
+    cat = lambda i: jnp.concatenate([f[i] for f, _ in segments])  # noqa: E731
+    return sbb.Batch(*(cat(i) for i in range(6)), jnp.concatenate([m for _, m in segments]))
+
+
+def sbb_loss_and_grads(params, target, batch, scan="sequential"):
+    return jax.jit(jax.value_and_grad(sbb.td_loss, has_aux=True), static_argnums=(3, 4))(
+        params, target, batch, 0.9, scan)
+
+
+@pytest.mark.parametrize("memory", ["lru"])  # the masking is the same code for every memory
+def test_padded_steps_cannot_change_loss_or_gradients(memory, sbb_params):
+    params = sbb_params[memory]
+    target = sbb_init(memory, 3)
+    batch = sbb_random_batch([7, 3, 10], L=4)
+    pad = ~np.asarray(batch.mask)
+    assert pad.any() and np.asarray(batch.mask)[:, 0].all()
+    for name in ("obs", "next_obs", "reward", "action", "terminated", "truncated"):
+        assert not np.asarray(getattr(batch, name))[pad].any(), f"padded {name} is not 0"
+    (loss, q), grads = sbb_loss_and_grads(params, target, batch)
+    rng = np.random.default_rng(1)
+    noise = lambda x, scale: jnp.where(  # noqa: E731
+        jnp.asarray(pad).reshape(pad.shape + (1,) * (x.ndim - 2)),
+        jnp.asarray(rng.normal(size=x.shape) * scale, x.dtype), x)
+    perturbed = batch._replace(obs=noise(batch.obs, 100.0), next_obs=noise(batch.next_obs, 100.0),
+                               reward=noise(batch.reward, 1e3),
+                               action=jnp.where(pad, NUM_ACTIONS - 1, batch.action),
+                               terminated=jnp.where(pad, True, batch.terminated))
+    (loss2, q2), grads2 = sbb_loss_and_grads(params, target, perturbed)
+    np.testing.assert_allclose(float(loss2), float(loss), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(float(q2), float(q), rtol=1e-6, atol=1e-7)
+    assert_tree_close(grads2, grads, rtol=1e-6, atol=1e-7)
+
+
+def test_masked_loss_equals_tbb_loss_on_the_unpadded_steps(sbb_params):
+    """SBB's loss == the (independently tested) TBB loss on a tape of the same real steps, with
+    an episode start at every segment start."""
+    tbb = tbb_module("ffm")
+    params = sbb_params["ffm"]
+    target = sbb_init("ffm", 3)
+    L = 4
+    batch = sbb_random_batch([7, 3, 10], L)
+    (loss, q), _ = sbb_loss_and_grads(params, target, batch)
+    mask = np.asarray(batch.mask).reshape(-1)
+    flat = lambda x: np.asarray(x).reshape((-1,) + x.shape[2:])[mask]  # noqa: E731
+    start = (np.arange(mask.size) % L == 0)[mask]
+    tape = tbb.Batch(*(jnp.asarray(flat(getattr(batch, n))) for n in tbb.Batch._fields[:6]), jnp.asarray(start))
+    expect_loss, expect_q = jax.jit(tbb.td_loss, static_argnums=(3, 4))(params, target, tape, 0.9, "sequential")
+    np.testing.assert_allclose(float(loss), float(expect_loss), rtol=1e-5)
+    np.testing.assert_allclose(float(q), float(expect_q), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("memory,scan", [(m, "sequential") for m in MEMORY_NAMES] + [("ffm", "associative")])
+def test_no_state_or_gradient_crosses_a_segment(memory, scan, sbb_params):
+    params = sbb_params[memory]
+    L = 5
+    batch = sbb_random_batch([13], L, seed=2)  # one episode: its segments are consecutive
+    obs, next_obs = batch.obs, batch.next_obs
+
+    @jax.jit
+    def grads(o, n, s, t):
+        def out(o, n):
+            q, q_next = sbb.q_segments(params, o, n, scan)
+            return q[s, t].sum() + q_next[s, t].sum()
+
+        return jax.grad(out, argnums=(0, 1))(o, n)
+
+    both = sbb_q_segments_jit(params, obs, next_obs, scan)
+    for s, t in ((1, 0), (1, 3), (2, 2)):  # outputs of segment s, step t
+        g_obs, g_next = map(np.asarray, grads(obs, next_obs, s, t))
+        others = np.arange(len(obs)) != s
+        assert np.all(g_obs[others] == 0.0) and np.all(g_next[others] == 0.0)
+        assert np.all(g_obs[s, t + 1:] == 0.0) and np.all(g_next[s, :t] == 0.0)  # causal
+        assert np.any(g_obs[s, : t + 1] != 0.0)  # the test can fail
+        # Segment s alone, from the identity, gives the same Q values as inside the batch.
+        alone = sbb_q_segments_jit(params, obs[s : s + 1], next_obs[s : s + 1], scan)
+        assert_tree_close(jax.tree.map(lambda x: x[0], alone), jax.tree.map(lambda x: x[s], both))
+
+
+# ---------------------------------------------------------------------------------------------
+# The script
+# ---------------------------------------------------------------------------------------------
+TINY_SBB = {"ffm": ["--trace-size", "8", "--context-size", "2"],
+            "lru": ["--state-size", "8", "--num-layers", "1"],
+            "linear_transformer": ["--key-size", "8", "--value-size", "8"]}
+
+
+def test_sbb_smoke_runs(tmp_path):
+    """One tiny run per memory (at L = 10, 20, 50), started together to share the wait."""
+    runs = {(memory, L): subprocess.Popen(
+        [sys.executable, os.path.join(HERE, "sbb_baseline_dqn.py"), *TINY, *TINY_SBB[memory],
+         "--memory", memory, "--segment-length", str(L), "--output-dir", str(tmp_path / memory)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)
+        for memory, L in (("ffm", 10), ("lru", 20), ("linear_transformer", 50))}
+    for (memory, L), proc in runs.items():
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err
+        (run_dir,) = [os.path.join(tmp_path, memory, d) for d in os.listdir(tmp_path / memory)]
+        for f in ("args.json", "metrics.csv", "learning_curve.png"):
+            assert os.path.isfile(os.path.join(run_dir, f)), f
+        rows = read_metrics(run_dir)
+        assert len(rows) == 3 and int(rows[-1]["global_step"]) == 3000
+        for r in rows:
+            assert all(np.isfinite(float(r[k])) for k in ("td_loss", "eval_return", "q_values"))
+            assert 0.0 < float(r["density"]) <= 1.0
+
+
+def test_sbb_shared_blocks_are_the_tbb_text():
+    assert shared_blocks("sbb_baseline_dqn.py") == {
+        "environments": shared_blocks("ffm_tbb_dqn.py")["environments"]}
+
+
+SBB_BAD_INPUT = [
+    (["--segment-length", "0"], "--segment-length must be in", 2),
+    (["--segment-length", "1001"], "--segment-length must be in", 2),
+    (["--memory", "gru"], "invalid choice", 2),
+    (["--batch-size", "20", "--segment-length", "10"], "smaller than the longest episode", 2),
+    (["--buffer-size", "51", "--segment-length", "50"], "holds 1 segments", 2),
+    (["--state-size", "0"], "--state-size must be positive", 2),
+]
+
+
+@pytest.mark.parametrize("flags,message,code", SBB_BAD_INPUT, ids=[b[1] for b in SBB_BAD_INPUT])
+def test_sbb_bad_input_is_one_clear_line(flags, message, code, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        sbb.run([*flags, "--output-dir", str(tmp_path)])
+    assert exit_info.value.code == code
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], lines
 
 
 # ---------------------------------------------------------------------------------------------

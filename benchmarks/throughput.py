@@ -1,7 +1,7 @@
 """Throughput of the TBB scripts: collection, one update at several tape sizes, whole runs.
 
-    python benchmarks/throughput.py                       # everything (~10 min on 2 CPU cores)
-    python benchmarks/throughput.py --skip-runs           # only collection and update timings
+    python benchmarks/throughput.py                   # all models; whole runs for FFM only
+    python benchmarks/throughput.py --run-models      # only collection and update timings
 
 Prints tables; nothing is asserted. Timings exclude compilation, which is reported apart.
 The whole-run rows call the scripts as subprocesses and read their metrics.csv, so they time
@@ -107,8 +107,9 @@ def main():
     p.add_argument("--repeats", type=int, default=10, help="timed repeats (median)")
     p.add_argument("--collect-steps", type=int, default=100_000,
                    help="env steps of the collection-only run")
-    p.add_argument("--skip-runs", action="store_true",
-                   help="skip the whole-run rows (default flags, paper recipe)")
+    p.add_argument("--run-models", nargs="*", default=["ffm"], choices=list(MODELS),
+                   help="models for the whole-run rows (default flags, paper recipe); "
+                        "none to skip them")
     args = p.parse_args()
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, {os.cpu_count()} CPU cores")
 
@@ -136,12 +137,14 @@ def main():
                 mod, args.batch_sizes, ("associative", "sequential"), args.repeats):
             print(f"{model:<20}{batch_size:>7}{scan:>13}{ms:>11.1f}{compile_s:>11.1f}")
 
-    if args.skip_runs:
+    if not args.run_models:
         return
     print("\nWhole runs on RepeatFirstEasy (wall time includes compilation)")
     print(f"{'model':<20}{'recipe':<14}{'SPS':>8}{'steps to 0.9':>14}{'s to 0.9':>10}"
           f"{'s to 0.99':>11}{'final eval':>12}{'peak RSS MiB':>14}")
     for model, script in present.items():
+        if model not in args.run_models:
+            continue
         for recipe, flags in (("default", []), ("paper", PAPER_RECIPE + ["--total-timesteps", "400000"])):
             rows, rss = run_script(script + ".py", flags)
             step90, t90 = first_reaching(rows, 0.9)
