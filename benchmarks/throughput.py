@@ -79,6 +79,79 @@ def update_timings(mod, batch_sizes, scans, repeats, obs_dim=10, num_actions=4):
     return rows
 
 
+
+def filled_segments(sbb, capacity, segment_length, obs_dim, episode_length, seed=0):
+    """An SBB buffer of `capacity` segments, full of random episodes of one length."""
+    rng = np.random.default_rng(seed)
+    buffer = sbb.init_segments(capacity, segment_length, obs_dim)
+    per_episode = -(-episode_length // segment_length)
+    for _ in range(-(-capacity // per_episode)):
+        obs = rng.normal(size=(episode_length, obs_dim)).astype(np.float32)
+        episode = (obs, rng.integers(0, 4, episode_length), rng.normal(size=episode_length),
+                   np.roll(obs, -1, 0), np.arange(episode_length) == episode_length - 1,
+                   np.zeros(episode_length, bool))
+        buffer = sbb.add_episode(buffer, episode, np.int32(episode_length))
+    return buffer
+
+
+def sbb_update_timings(memory, batch_sizes, segment_lengths, scans, repeats, obs_dim=10,
+                       num_actions=4, episode_length=51):
+    """One SBB update (sample + masked loss + AdamW + target) at --batch-size B slots, i.e.
+    B // L segments of L steps, on a buffer of `episode_length`-step episodes (RepeatFirstEasy's
+    51). Returns rows (B, L, scan, ms/update, compile s, measured density, expected density)."""
+    sbb = importlib.import_module("sbb_baseline_dqn")
+    rows = []
+    for batch_size in batch_sizes:
+        for segment_length in segment_lengths:
+            for scan in scans:
+                args = sbb.parse_args(["--memory", memory, "--batch-size", str(batch_size),
+                                       "--segment-length", str(segment_length),
+                                       "--updates-per-train", "1"])
+                params = sbb.init_params(jax.random.PRNGKey(0), obs_dim, num_actions, args)
+                optimizer = sbb.make_optimizer(args)
+                state = sbb.TrainState(params, jax.tree.map(jnp.copy, params), optimizer.init(params))
+                train_phase = sbb.make_train_phase(optimizer, args, scan)
+                buffer = filled_segments(sbb, max(4 * batch_size, 20_000) // segment_length,
+                                         segment_length, obs_dim, episode_length)
+                key = jax.random.PRNGKey(1)
+                t = time.perf_counter()
+                state, metrics = train_phase(state, buffer, key)
+                jax.block_until_ready(metrics)
+                compile_s = time.perf_counter() - t
+                densities = []
+
+                def one():
+                    nonlocal state, key
+                    key, k = jax.random.split(key)
+                    state, m = train_phase(state, buffer, k)
+                    densities.append(m["density"])
+                    return m
+
+                ms = median_ms(one, repeats)
+                expected = episode_length / (segment_length * -(-episode_length // segment_length))
+                rows.append((batch_size, segment_length, scan, ms, compile_s,
+                             float(np.mean(densities)), expected))
+    return rows
+
+
+def print_sbb_update_timings(models, batch_sizes, segment_lengths, scans, repeats, with_tbb=True):
+    """The SBB table; with_tbb adds the TBB script's time at the same B (equal slots)."""
+    print("\nSBB: one update at equal slots (B // L segments of L steps = the slots of a TBB tape"
+          " of B), default model sizes, 51-step episodes, median ms")
+    print(f"{'model':<20}{'B':>7}{'L':>5}{'scan':>13}{'SBB ms':>9}{'TBB ms':>9}"
+          f"{'SBB/TBB':>9}{'compile s':>11}{'density':>9}{'expected':>10}")
+    for model in models:
+        tbb_ms = {}
+        if with_tbb:
+            mod = importlib.import_module(MODELS[model])
+            tbb_ms = {(b, s): ms for b, s, ms, _ in update_timings(mod, batch_sizes, scans, repeats)}
+        for b, L, scan, ms, compile_s, density, expected in sbb_update_timings(
+                model, batch_sizes, segment_lengths, scans, repeats):
+            tbb = tbb_ms.get((b, scan), float("nan"))
+            print(f"{model:<20}{b:>7}{L:>5}{scan:>13}{ms:>9.1f}{tbb:>9.1f}{ms / tbb:>9.2f}"
+                  f"{compile_s:>11.1f}{density:>9.3f}{expected:>10.3f}", flush=True)
+
+
 def run_script(script, flags):
     """Run a script to completion; return its metrics rows and peak RSS (MiB)."""
     with tempfile.TemporaryDirectory() as out:
@@ -116,19 +189,24 @@ def main():
     present = {m: s for m, s in MODELS.items()
                if m in args.models and os.path.exists(os.path.join(ROOT, s + ".py"))}
     print("\nCollection with network acting (script run with no training), RepeatFirstEasy;")
-    print("steady state: steps / seconds between the first and the last progress line")
+    print("steady state: steps / seconds between the first and the next-to-last progress line")
     print(f"{'model':<20}{'envs':>6}{'env-steps/s':>14}{'peak RSS MiB':>14}")
     for model, script in present.items():
         for num_envs in (16, 32, 64):
+            # No train phase starts; the one evaluation is at the end, after `last`.
             rows, rss = run_script(script + ".py", [
                 "--total-timesteps", str(args.collect_steps), "--learning-starts",
-                str(args.collect_steps), "--num-envs", str(num_envs), "--eval-every",
+                str(2 * args.collect_steps), "--num-envs", str(num_envs), "--eval-every",
                 str(args.collect_steps), "--log-every", str(args.collect_steps // 5)])
-            first, last = rows[0], rows[-1]
+            first, last = rows[0], rows[-2]
             sps = ((int(last["global_step"]) - int(first["global_step"]))
                    / (float(last["elapsed_s"]) - float(first["elapsed_s"])))
             print(f"{model:<20}{num_envs:>6}{sps:>14,.0f}{rss:>14,.0f}")
 
+    if args.run_models:
+        whole_runs(present, args.run_models)
+    # In-process timings last: a child forked from a large parent would report the parent's
+    # pages in its peak RSS.
     print("\nOne update (sample + loss + AdamW + target), default model sizes, median ms")
     print(f"{'model':<20}{'B':>7}{'scan':>13}{'ms/update':>11}{'compile s':>11}")
     for model, script in present.items():
@@ -137,13 +215,17 @@ def main():
                 mod, args.batch_sizes, ("associative", "sequential"), args.repeats):
             print(f"{model:<20}{batch_size:>7}{scan:>13}{ms:>11.1f}{compile_s:>11.1f}")
 
-    if not args.run_models:
-        return
+    if "ffm" in present:
+        print_sbb_update_timings(["ffm"], args.batch_sizes, [10, 50], ("associative", "sequential"),
+                                 args.repeats)
+
+
+def whole_runs(present, run_models):
     print("\nWhole runs on RepeatFirstEasy (wall time includes compilation)")
     print(f"{'model':<20}{'recipe':<14}{'SPS':>8}{'steps to 0.9':>14}{'s to 0.9':>10}"
           f"{'s to 0.99':>11}{'final eval':>12}{'peak RSS MiB':>14}")
     for model, script in present.items():
-        if model not in args.run_models:
+        if model not in run_models:
             continue
         for recipe, flags in (("default", []), ("paper", PAPER_RECIPE + ["--total-timesteps", "400000"])):
             rows, rss = run_script(script + ".py", flags)
