@@ -69,23 +69,8 @@ def assert_tree_close(a, b, rtol=1e-5, atol=1e-5):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
 
 
-def test_ffm_op_is_associative_with_two_sided_identity():
-    x = random_ffm_elements(np.random.default_rng(0), 3)
-    a, b, c = (take(x, i) for i in range(3))
-    assert_tree_close(ffm.monoid_op(ffm.monoid_op(a, b), c), ffm.monoid_op(a, ffm.monoid_op(b, c)))
-    e = ffm.identity_like(a)
-    for left, right in ((e, a), (a, e)):
-        assert_tree_close(ffm.monoid_op(left, right), a, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("flags", [(i >> 2 & 1, i >> 1 & 1, i & 1) for i in range(8)])
-def test_ffm_reset_op_is_associative(flags):
-    x = random_ffm_elements(np.random.default_rng(1), 3)
-    a, b, c = ((take(x, i), jnp.asarray(bool(f))) for i, f in enumerate(flags))
-    left = ffm.reset_op(ffm.reset_op(a, b), c)
-    right = ffm.reset_op(a, ffm.reset_op(b, c))
-    assert_tree_close(left, right)
-    assert bool(left[1]) == any(flags)
 
 
 def ffm_loop(s, g, start):
@@ -102,29 +87,8 @@ def ffm_loop(s, g, start):
     return np.stack(out_s), np.stack(out_g)
 
 
-@pytest.mark.parametrize("scan", SCANS)
-def test_ffm_scan_over_concatenated_episodes(scan):
-    lengths = [5, 1, 9, 3, 1, 12]
-    start = episode_starts(lengths)
-    x = random_ffm_elements(np.random.default_rng(2), len(start))
-    states = ffm_scan_jit(x, jnp.asarray(start), scan)
-    # == a plain loop
-    assert_tree_close(states, ffm_loop(*x, start))
-    # == each episode scanned alone from the identity
-    begin = 0
-    for n in lengths:
-        part = take(x, slice(begin, begin + n))
-        alone = ffm_scan_jit(part, jnp.zeros(n, bool), scan)
-        assert_tree_close(take(states, slice(begin, begin + n)), alone)
-        begin += n
 
 
-def test_ffm_associative_equals_sequential():
-    start = episode_starts([40, 70, 1, 17])
-    x = random_ffm_elements(np.random.default_rng(3), len(start), m=4, c=3)
-    a = ffm_scan_jit(x, jnp.asarray(start), "associative")
-    s = ffm_scan_jit(x, jnp.asarray(start), "sequential")
-    assert_tree_close(a, s, rtol=1e-4, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,7 +272,7 @@ def test_double_dqn_targets_match_a_plain_loop(ffm_params):
 # LRU (lru_tbb_dqn.py)
 # ---------------------------------------------------------------------------------------------
 # Jitted: one compile per shape instead of one per primitive, which halves the test time.
-lru_scan_jit = jax.jit(lru.resettable_scan, static_argnums=2)
+lru_scan_jit = jax.jit(lru.resettable_scan, static_argnames="scan")
 lru_q_tape_jit = jax.jit(lru.q_tape, static_argnums=4)
 
 
@@ -319,23 +283,8 @@ def random_lru_elements(rng, n, m=4):
     return jnp.asarray(a, jnp.complex64), jnp.asarray(b, jnp.complex64)
 
 
-def test_lru_op_is_associative_with_two_sided_identity():
-    x = random_lru_elements(np.random.default_rng(0), 3)
-    a, b, c = (take(x, i) for i in range(3))
-    assert_tree_close(lru.monoid_op(lru.monoid_op(a, b), c), lru.monoid_op(a, lru.monoid_op(b, c)))
-    e = lru.identity_like(a)
-    for left, right in ((e, a), (a, e)):
-        assert_tree_close(lru.monoid_op(left, right), a, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("flags", [(i >> 2 & 1, i >> 1 & 1, i & 1) for i in range(8)])
-def test_lru_reset_op_is_associative(flags):
-    x = random_lru_elements(np.random.default_rng(1), 3)
-    a, b, c = ((take(x, i), jnp.asarray(bool(f))) for i, f in enumerate(flags))
-    left = lru.reset_op(lru.reset_op(a, b), c)
-    right = lru.reset_op(a, lru.reset_op(b, c))
-    assert_tree_close(left, right)
-    assert bool(left[1]) == any(flags)
 
 
 def lru_loop(a, b, start):
@@ -353,29 +302,8 @@ def lru_loop(a, b, start):
     return np.stack(out_a), np.stack(out_h)
 
 
-@pytest.mark.parametrize("scan", SCANS)
-def test_lru_scan_over_concatenated_episodes(scan):
-    lengths = [5, 1, 9, 3, 1, 12]
-    start = episode_starts(lengths)
-    x = random_lru_elements(np.random.default_rng(2), len(start))
-    states = lru_scan_jit(x, jnp.asarray(start), scan)
-    # == a plain loop
-    assert_tree_close(states, lru_loop(*x, start))
-    # == each episode scanned alone from the identity
-    begin = 0
-    for n in lengths:
-        part = take(x, slice(begin, begin + n))
-        alone = lru_scan_jit(part, jnp.zeros(n, bool), scan)
-        assert_tree_close(take(states, slice(begin, begin + n)), alone)
-        begin += n
 
 
-def test_lru_associative_equals_sequential():
-    start = episode_starts([40, 70, 1, 17])
-    x = random_lru_elements(np.random.default_rng(3), len(start), m=6)
-    a = lru_scan_jit(x, jnp.asarray(start), "associative")
-    s = lru_scan_jit(x, jnp.asarray(start), "sequential")
-    assert_tree_close(a, s, rtol=1e-4, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -518,23 +446,8 @@ def random_lt_elements(rng, n, heads=2, k=3, v=4):
     return jnp.asarray(s, jnp.float32), jnp.asarray(z, jnp.float32)
 
 
-def test_lt_op_is_associative_with_two_sided_identity():
-    x = random_lt_elements(np.random.default_rng(0), 3)
-    a, b, c = (take(x, i) for i in range(3))
-    assert_tree_close(lt.monoid_op(lt.monoid_op(a, b), c), lt.monoid_op(a, lt.monoid_op(b, c)))
-    e = lt.identity_like(a)
-    for left, right in ((e, a), (a, e)):
-        assert_tree_close(lt.monoid_op(left, right), a, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("flags", [(i >> 2 & 1, i >> 1 & 1, i & 1) for i in range(8)])
-def test_lt_reset_op_is_associative(flags):
-    x = random_lt_elements(np.random.default_rng(1), 3)
-    a, b, c = ((take(x, i), jnp.asarray(bool(f))) for i, f in enumerate(flags))
-    left = lt.reset_op(lt.reset_op(a, b), c)
-    right = lt.reset_op(a, lt.reset_op(b, c))
-    assert_tree_close(left, right)
-    assert bool(left[1]) == any(flags)
 
 
 def lt_loop(s, z, start):
@@ -551,29 +464,8 @@ def lt_loop(s, z, start):
     return np.stack(out_s), np.stack(out_z)
 
 
-@pytest.mark.parametrize("scan", SCANS)
-def test_lt_scan_over_concatenated_episodes(scan):
-    lengths = [5, 1, 9, 3, 1, 12]
-    start = episode_starts(lengths)
-    x = random_lt_elements(np.random.default_rng(2), len(start))
-    states = lt_scan_jit(x, jnp.asarray(start), scan=scan)
-    # == a plain loop
-    assert_tree_close(states, lt_loop(*x, start))
-    # == each episode scanned alone from the identity
-    begin = 0
-    for n in lengths:
-        part = take(x, slice(begin, begin + n))
-        alone = lt_scan_jit(part, jnp.zeros(n, bool), scan=scan)
-        assert_tree_close(take(states, slice(begin, begin + n)), alone)
-        begin += n
 
 
-def test_lt_associative_equals_sequential():
-    start = episode_starts([40, 70, 1, 17])
-    x = random_lt_elements(np.random.default_rng(3), len(start))
-    a = lt_scan_jit(x, jnp.asarray(start), scan="associative")
-    s = lt_scan_jit(x, jnp.asarray(start), scan="sequential")
-    assert_tree_close(a, s, rtol=1e-4, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -703,6 +595,67 @@ def test_lt_no_gradient_across_episode_start(params, scan):
 def test_lt_model_flags_must_be_positive(flag):
     with pytest.raises(lt.UsageError, match=f"{flag} must be positive"):
         lt.parse_args([flag, "0"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The monoid laws, for each memoroid
+# ---------------------------------------------------------------------------------------------
+# model -> (module, random elements, the model's recurrence as a plain loop, jitted scan)
+MEMOROIDS = {"ffm": (ffm, random_ffm_elements, ffm_loop, ffm_scan_jit),
+             "lru": (lru, random_lru_elements, lru_loop, lru_scan_jit),
+             "linear_transformer": (lt, random_lt_elements, lt_loop, lt_scan_jit)}
+
+
+@pytest.mark.parametrize("model", MEMOROIDS)
+def test_op_is_associative_with_two_sided_identity(model):
+    module, random_elements, _, _ = MEMOROIDS[model]
+    a, b, c = (take(random_elements(np.random.default_rng(0), 3), i) for i in range(3))
+    op = module.monoid_op
+    assert_tree_close(op(op(a, b), c), op(a, op(b, c)))
+    e = module.identity_like(a)
+    for left, right in ((e, a), (a, e)):
+        assert_tree_close(op(left, right), a, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("flags", [(i >> 2 & 1, i >> 1 & 1, i & 1) for i in range(8)])
+@pytest.mark.parametrize("model", MEMOROIDS)
+def test_reset_op_is_associative(model, flags):
+    module, random_elements, _, _ = MEMOROIDS[model]
+    x = random_elements(np.random.default_rng(1), 3)
+    a, b, c = ((take(x, i), jnp.asarray(bool(f))) for i, f in enumerate(flags))
+    left = module.reset_op(module.reset_op(a, b), c)
+    right = module.reset_op(a, module.reset_op(b, c))
+    assert_tree_close(left, right)
+    assert bool(left[1]) == any(flags)
+
+
+@pytest.mark.parametrize("scan", SCANS)
+@pytest.mark.parametrize("model", MEMOROIDS)
+def test_scan_over_concatenated_episodes(model, scan):
+    _, random_elements, loop, scan_jit = MEMOROIDS[model]
+    lengths = [5, 1, 9, 3, 1, 12]
+    start = episode_starts(lengths)
+    x = random_elements(np.random.default_rng(2), len(start))
+    states = scan_jit(x, jnp.asarray(start), scan=scan)
+    # == a plain loop
+    assert_tree_close(states, loop(*x, start))
+    # == each episode scanned alone from the identity
+    begin = 0
+    for n in lengths:
+        part = take(x, slice(begin, begin + n))
+        alone = scan_jit(part, jnp.zeros(n, bool), scan=scan)
+        assert_tree_close(take(states, slice(begin, begin + n)), alone)
+        begin += n
+
+
+@pytest.mark.parametrize("model", MEMOROIDS)
+def test_associative_equals_sequential(model):
+    _, random_elements, _, scan_jit = MEMOROIDS[model]
+    start = episode_starts([40, 70, 1, 17])
+    x = random_elements(np.random.default_rng(3), len(start))
+    a = scan_jit(x, jnp.asarray(start), scan="associative")
+    s = scan_jit(x, jnp.asarray(start), scan="sequential")
+    assert_tree_close(a, s, rtol=1e-4, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------
