@@ -23,6 +23,7 @@ import ffm_tbb_dqn as ffm
 import linear_transformer_tbb_dqn as lt
 import lru_tbb_dqn as lru
 import sbb_baseline_dqn as sbb
+import vml_analysis as vml
 from discounted_return_scan import (
     blocked_scan,
     discounted_prefix_sum,
@@ -1262,3 +1263,56 @@ def test_returns_script_bad_flags_are_one_line(flags, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "error" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# vml_analysis.py: the value-memory-length analysis
+# ---------------------------------------------------------------------------------------------
+def linear_q_fn(weights, bias):
+    """Q_t(a) = sum_{i<=t} w_i . o_{t-i} + bias_a: the true sensitivity at age i is sum |w_i|."""
+    def q_fn(obs):
+        t = jnp.arange(obs.shape[0])
+        age = t[:, None] - t[None, :]
+        kernel = jnp.where((age >= 0)[..., None], weights[jnp.clip(age, 0)], 0.0)  # [T, T, d]
+        return jnp.einsum("tsd,sd->t", kernel, obs)[:, None] + bias
+    return q_fn
+
+
+def test_vml_recovers_a_known_linear_dependence():
+    rng = np.random.default_rng(0)
+    weights = np.zeros((30, 4), np.float32)
+    weights[:5] = rng.normal(size=(5, 4))  # this Q looks exactly 5 observations back
+    weights[7] = 0.01  # and a little at age 7
+    q_fn = linear_q_fn(jnp.asarray(weights), jnp.asarray([5.0, 0.0, -1.0]))
+    episodes = [rng.normal(size=(n, 4)).astype(np.float32) for n in (20, 26)]
+    sens = vml.mean_sensitivity(q_fn, episodes, final_steps=3)
+    assert len(sens) == 18  # the ages every analysed step has: 0..17
+    np.testing.assert_allclose(sens, np.abs(weights[:18]).sum(-1), rtol=1e-5, atol=1e-7)
+    cumulative, length = vml.value_memory_length(sens, 0.95)
+    assert length == 5 and cumulative[-1] == pytest.approx(1.0)
+    assert vml.value_memory_length(sens, 1.0)[1] == 8
+
+
+def test_vml_sensitivity_is_zero_across_an_episode_start(ffm_params):
+    obs, _, _ = random_tape_obs([6, 9], seed=5)
+    start = jnp.asarray(episode_starts([6, 9]))
+    q_fn = jax.jit(lambda o: ffm.q_tape(ffm_params, o, o, start[: o.shape[0]], "sequential")[0])
+    for t in (6, 10, 14):  # steps of the second episode, which starts at 6
+        sens = vml.sensitivity(q_fn, obs, t)
+        assert np.all(sens[t - 6 + 1 :] == 0.0) and np.all(sens[: t - 6 + 1] > 0.0)
+
+
+def test_vml_script_smoke(tmp_path):
+    p = run_script("vml_analysis.py", "--total-timesteps", "3000", "--episodes", "2",
+                   "--final-steps", "2", "--output-dir", str(tmp_path))
+    assert p.returncode == 0, p.stderr
+    assert "RML = 11 observations" in p.stdout and p.stdout.count("VML = ") == 2
+    with open(tmp_path / "vml.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert float(rows[-1]["tbb_cumulative"]) == pytest.approx(1.0, abs=1e-5)
+    assert (tmp_path / "vml.png").stat().st_size > 0
+
+
+def test_vml_bad_flag_is_one_line(capsys):
+    with pytest.raises(vml.tbb.UsageError, match="--k must be positive"):
+        vml.parse_args(["--k", "0"])
