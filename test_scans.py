@@ -125,22 +125,6 @@ def step_loop(model, params, obs, start):
     return np.stack(qs)
 
 
-@pytest.mark.parametrize("scan", SCANS)
-def test_ffm_step_path_equals_tape_path(ffm_params, scan):
-    lengths = [7, 1, 12]
-    obs, next_obs, start = random_tape_obs(lengths)
-    q, q_next = ffm_q_tape_jit(ffm_params, obs, next_obs, start, scan)
-    np.testing.assert_allclose(np.asarray(q), step_loop(ffm, ffm_params, obs, start), rtol=1e-5, atol=1e-5)
-    # Q(o_0..o_t, o_{t+1}) == the step path run over the episode with next_obs[t] appended
-    ends = set(np.cumsum(lengths) - 1)
-    begin = 0
-    for t in range(len(obs)):
-        begin = t if start[t] else begin
-        seq = np.concatenate([obs[begin : t + 1], next_obs[t : t + 1]])
-        expect = step_loop(ffm, ffm_params, seq, episode_starts([len(seq)]))[-1]
-        np.testing.assert_allclose(np.asarray(q_next[t]), expect, rtol=1e-5, atol=1e-5)
-        if t not in ends:  # inside an episode the next observation is the next tape entry
-            np.testing.assert_allclose(np.asarray(q_next[t]), np.asarray(q[t + 1]), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("scan", SCANS)
@@ -274,7 +258,7 @@ def test_double_dqn_targets_match_a_plain_loop(ffm_params):
 # ---------------------------------------------------------------------------------------------
 # Jitted: one compile per shape instead of one per primitive, which halves the test time.
 lru_scan_jit = jax.jit(lru.resettable_scan, static_argnames="scan")
-lru_q_tape_jit = jax.jit(lru.q_tape, static_argnums=4)
+lru_q_tape_jit = jax.jit(lru.q_tape, static_argnames="scan")
 
 
 def random_lru_elements(rng, n, m=4):
@@ -387,22 +371,6 @@ def test_lru_q_tape_equals_numpy_loop(lru_params, scan):
     np.testing.assert_allclose(np.asarray(q_next[-1]), last, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("scan", SCANS)
-def test_lru_step_path_equals_tape_path(lru_params, scan):
-    lengths = [7, 1, 12]
-    obs, next_obs, start = random_tape_obs(lengths)
-    q, q_next = lru_q_tape_jit(lru_params, obs, next_obs, start, scan)
-    np.testing.assert_allclose(np.asarray(q), step_loop(lru, lru_params, obs, start), rtol=1e-5, atol=1e-5)
-    # Q(o_0..o_t, o_{t+1}) == the step path run over the episode with next_obs[t] appended
-    ends = set(np.cumsum(lengths) - 1)
-    begin = 0
-    for t in range(len(obs)):
-        begin = t if start[t] else begin
-        seq = np.concatenate([obs[begin : t + 1], next_obs[t : t + 1]])
-        expect = step_loop(lru, lru_params, seq, episode_starts([len(seq)]))[-1]
-        np.testing.assert_allclose(np.asarray(q_next[t]), expect, rtol=1e-5, atol=1e-5)
-        if t not in ends:  # inside an episode the next observation is the next tape entry
-            np.testing.assert_allclose(np.asarray(q_next[t]), np.asarray(q[t + 1]), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("scan", SCANS)
@@ -481,7 +449,7 @@ def lt_params(num_heads=2, seed=0):
 
 
 @pytest.fixture(scope="module")
-def params():
+def lt_fixture_params():
     return lt_params()
 
 
@@ -551,26 +519,10 @@ def test_lt_normaliser_is_the_dot_product_of_query_features_and_z():
 # ---------------------------------------------------------------------------------------------
 # Linear Transformer Q network: tape path vs recurrent step path, and no leakage across episodes
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("scan", SCANS)
-def test_lt_step_path_equals_tape_path(params, scan):
-    lengths = [7, 1, 12]
-    obs, next_obs, start = random_tape_obs(lengths)
-    q, q_next = lt_q_tape_jit(params, obs, next_obs, start, scan=scan)
-    np.testing.assert_allclose(np.asarray(q), step_loop(lt, params, obs, start), rtol=1e-5, atol=1e-5)
-    # Q(o_0..o_t, o_{t+1}) == the step path run over the episode with next_obs[t] appended
-    ends = set(np.cumsum(lengths) - 1)
-    begin = 0
-    for t in range(len(obs)):
-        begin = t if start[t] else begin
-        seq = np.concatenate([obs[begin : t + 1], next_obs[t : t + 1]])
-        expect = step_loop(lt, params, seq, episode_starts([len(seq)]))[-1]
-        np.testing.assert_allclose(np.asarray(q_next[t]), expect, rtol=1e-5, atol=1e-5)
-        if t not in ends:  # inside an episode the next observation is the next tape entry
-            np.testing.assert_allclose(np.asarray(q_next[t]), np.asarray(q[t + 1]), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("scan", SCANS)
-def test_lt_no_gradient_across_episode_start(params, scan):
+def test_lt_no_gradient_across_episode_start(lt_fixture_params, scan):
     lengths = [6, 5, 4]
     obs, next_obs, start = random_tape_obs(lengths, seed=1)
     first_end = lengths[0]
@@ -578,7 +530,7 @@ def test_lt_no_gradient_across_episode_start(params, scan):
     @jax.jit
     @partial(jax.grad, argnums=(0, 1))
     def grad_of_output(o, n, t):
-        q, q_next = lt.q_tape(params, o, n, start, scan)
+        q, q_next = lt.q_tape(lt_fixture_params, o, n, start, scan)
         return q[t].sum() + q_next[t].sum()
 
     for t in (first_end, first_end + 2, len(obs) - 1):  # outputs in later episodes
@@ -657,6 +609,32 @@ def test_associative_equals_sequential(model):
     a = scan_jit(x, jnp.asarray(start), scan="associative")
     s = scan_jit(x, jnp.asarray(start), scan="sequential")
     assert_tree_close(a, s, rtol=1e-4, atol=1e-4)
+
+
+# model -> (module, its params fixture, jitted q_tape)
+NETWORKS = {"ffm": (ffm, "ffm_params", ffm_q_tape_jit), "lru": (lru, "lru_params", lru_q_tape_jit),
+            "linear_transformer": (lt, "lt_fixture_params", lt_q_tape_jit)}
+
+
+@pytest.mark.parametrize("scan", SCANS)
+@pytest.mark.parametrize("model", NETWORKS)
+def test_step_path_equals_tape_path(model, scan, request):
+    module, fixture, q_tape_jit = NETWORKS[model]
+    params = request.getfixturevalue(fixture)
+    lengths = [7, 1, 12]
+    obs, next_obs, start = random_tape_obs(lengths)
+    q, q_next = q_tape_jit(params, obs, next_obs, start, scan=scan)
+    np.testing.assert_allclose(np.asarray(q), step_loop(module, params, obs, start), rtol=1e-5, atol=1e-5)
+    # Q(o_0..o_t, o_{t+1}) == the step path run over the episode with next_obs[t] appended
+    ends = set(np.cumsum(lengths) - 1)
+    begin = 0
+    for t in range(len(obs)):
+        begin = t if start[t] else begin
+        seq = np.concatenate([obs[begin : t + 1], next_obs[t : t + 1]])
+        expect = step_loop(module, params, seq, episode_starts([len(seq)]))[-1]
+        np.testing.assert_allclose(np.asarray(q_next[t]), expect, rtol=1e-5, atol=1e-5)
+        if t not in ends:  # inside an episode the next observation is the next tape entry
+            np.testing.assert_allclose(np.asarray(q_next[t]), np.asarray(q[t + 1]), rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
