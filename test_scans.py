@@ -1046,6 +1046,7 @@ SBB_BAD_INPUT = [
     (["--batch-size", "20", "--segment-length", "10"], "smaller than the longest episode", 2),
     (["--buffer-size", "51", "--segment-length", "50"], "holds 1 segments", 2),
     (["--state-size", "0"], "--state-size must be positive", 2),
+    (["--learning-rate", "1e30", *TINY, "--segment-length", "16"], "non-finite", 1),
 ]
 
 
