@@ -1283,7 +1283,8 @@ def test_vml_sensitivity_is_zero_across_an_episode_start(ffm_params):
 
 def test_vml_script_smoke(tmp_path):
     p = run_script("vml_analysis.py", "--total-timesteps", "3000", "--episodes", "2",
-                   "--final-steps", "2", "--output-dir", str(tmp_path))
+                   "--final-steps", "2", "--hidden-size", "32", "--trace-size", "8",
+                   "--context-size", "2", "--output-dir", str(tmp_path))
     assert p.returncode == 0, p.stderr
     assert "RML = 11 observations" in p.stdout and p.stdout.count("VML = ") == 2
     with open(tmp_path / "vml.csv") as f:

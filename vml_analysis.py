@@ -48,11 +48,15 @@ def parse_args(argv=None):
                    help="last steps t of each episode whose Q is differentiated")
     p.add_argument("--threshold", type=float, default=0.95,
                    help="share of cumulative sensitivity that defines the VML")
+    p.add_argument("--hidden-size", type=int, default=256, help="FFM network width (both runs)")
+    p.add_argument("--trace-size", type=int, default=64, help="FFM trace size m (both runs)")
+    p.add_argument("--context-size", type=int, default=4, help="FFM context size c (both runs)")
     p.add_argument("--load-tbb", default=None, help="params.npz of a TBB run (skips its training)")
     p.add_argument("--load-sbb", default=None, help="params.npz of an SBB run (skips its training)")
     p.add_argument("--output-dir", default=".", help="folder for vml.csv, vml.png and the runs")
     args = p.parse_args(argv)
-    for name in ("k", "num_decks", "segment_length", "total_timesteps", "episodes", "final_steps"):
+    for name in ("k", "num_decks", "segment_length", "total_timesteps", "episodes", "final_steps",
+                 "hidden_size", "trace_size", "context_size"):
         if getattr(args, name) <= 0:
             raise tbb.UsageError(f"--{name.replace('_', '-')} must be positive")
     if not 0 <= args.gamma <= 1 or not 0 < args.threshold <= 1:
@@ -115,16 +119,22 @@ def register_env(k, num_decks):
     return env_id
 
 
+def model_flags(args):
+    return ["--hidden-size", str(args.hidden_size), "--trace-size", str(args.trace_size),
+            "--context-size", str(args.context_size)]
+
+
 def train_run(module, env_id, args, extra):
     flags = ["--env-id", env_id, "--gamma", str(args.gamma), "--seed", str(args.seed),
              "--total-timesteps", str(args.total_timesteps), "--save-model",
-             "--output-dir", os.path.join(args.output_dir, "runs"), *extra]
+             "--output-dir", os.path.join(args.output_dir, "runs"), *model_flags(args), *extra]
     run_dir = module.train(module.parse_args(flags))
     return os.path.join(run_dir, "params.npz")
 
 
-def load_ffm(path, obs_dim, num_actions):
-    template = tbb.init_params(jax.random.PRNGKey(0), obs_dim, num_actions, tbb.parse_args([]))
+def load_ffm(path, obs_dim, num_actions, args):
+    sizes = tbb.parse_args(model_flags(args))
+    template = tbb.init_params(jax.random.PRNGKey(0), obs_dim, num_actions, sizes)
     return tbb.load_params(template, path)
 
 
@@ -176,7 +186,7 @@ def main(args):
     obs_dim, num_actions = int(np.prod(probe.observation_space.shape)), int(probe.action_space.n)
     curves, summary = {}, []
     for name, path in paths.items():
-        params = load_ffm(path, obs_dim, num_actions)
+        params = load_ffm(path, obs_dim, num_actions, args)
         episodes = greedy_episodes(params, make_env, args.episodes, args.seed + 2_000_000)
         sens = mean_sensitivity(ffm_q_fn(params), episodes, args.final_steps)
         cumulative, vml = value_memory_length(sens, args.threshold)
