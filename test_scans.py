@@ -1296,3 +1296,93 @@ def test_vml_script_smoke(tmp_path):
 def test_vml_bad_flag_is_one_line(capsys):
     with pytest.raises(vml.tbb.UsageError, match="--k must be positive"):
         vml.parse_args(["--k", "0"])
+
+
+# ---------------------------------------------------------------------------------------------
+# benchmarks/reproduce.py: the TBB-vs-SBB grid runner (its bookkeeping, not its training)
+# ---------------------------------------------------------------------------------------------
+def load_reproduce():
+    spec = importlib.util.spec_from_file_location(
+        "reproduce", os.path.join(HERE, "benchmarks", "reproduce.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_reproduce_runs_differ_only_in_batching(tmp_path):
+    rep = load_reproduce()
+    args = rep.parse_args(["--grid-dir", str(tmp_path), "--extra", "--num-envs 16"])
+    for task in args.tasks:
+        for model in args.models:
+            flags = {}
+            for batching in args.batchings:
+                out, cmd = rep.command(task, model, batching, 2, args)
+                assert out == os.path.join(str(tmp_path), task, model, batching, "seed2")
+                flags[batching] = cmd[2:]  # past the interpreter and the script
+                assert os.path.basename(cmd[1]) == ("sbb_baseline_dqn.py" if batching != "tbb"
+                                                    else f"{model}_tbb_dqn.py")
+            # Remove what may differ: the run's name and folder, and the SBB-only flags.
+            def common(f, batching):
+                f = list(f)
+                for flag in ("--exp-name", "--output-dir", "--memory", "--segment-length"):
+                    if flag in f:
+                        i = f.index(flag)
+                        if flag == "--segment-length":
+                            assert f[i + 1] == batching[3:]
+                        if flag == "--memory":
+                            assert f[i + 1] == model
+                        del f[i:i + 2]
+                return f
+            reference = common(flags["tbb"], "tbb")
+            assert "--num-envs" in reference and "--seed" in reference
+            for batching in ("sbb10", "sbb50"):
+                assert common(flags[batching], batching) == reference
+
+
+def write_fake_run(out, steps, returns, density=None):
+    run_dir = os.path.join(out, "Task__x__1__0")
+    os.makedirs(run_dir)
+    extra = "" if density is None else f",{density}"  # only SBB logs a density
+    with open(os.path.join(run_dir, "metrics.csv"), "w") as f:
+        f.write("global_step,updates,eval_return,elapsed_s" + (",density" if extra else "") + "\n")
+        for i, (s, r) in enumerate(zip(steps, returns)):
+            f.write(f"{s},{10 * i},{r},{60.0 * i}{extra}\n")
+
+
+def test_reproduce_resumes_and_tabulates(tmp_path, monkeypatch):
+    rep = load_reproduce()
+    grid = str(tmp_path / "grid")
+    flags = ["--tasks", "RepeatFirstEasy", "--batchings", "tbb", "sbb10", "--seeds", "2",
+             "--total-timesteps", "300", "--grid-dir", grid,
+             "--figure", str(tmp_path / "f.png"), "--table", str(tmp_path / "t.md")]
+    args = rep.parse_args(flags)
+    curves = {("tbb", 1): [0.0, 0.5, 1.0], ("tbb", 2): [0.0, 0.25, 0.5],
+              ("sbb10", 1): [0.0, 0.0, 0.25]}
+    for (batching, seed), returns in curves.items():
+        out, _ = rep.command("RepeatFirstEasy", "ffm", batching, seed, args)
+        write_fake_run(out, [100, 200, 300], returns, None if batching == "tbb" else 0.8)
+    # sbb10 seed 2 stopped early: it is run again; the finished runs are not.
+    out, _ = rep.command("RepeatFirstEasy", "ffm", "sbb10", 2, args)
+    write_fake_run(out, [100, 200], [0.0, 0.0], 0.8)
+    ran = []
+    monkeypatch.setattr(rep.subprocess, "run",
+                        lambda cmd, **kw: ran.append(cmd) or subprocess.CompletedProcess(cmd, 0))
+    rep.run_grid(args)
+    assert len(ran) == 1 and ran[0][ran[0].index("--seed") + 1] == "2" and "sbb_baseline_dqn.py" in ran[0][1]
+
+    rep.summarise(args)
+    rows = [line.split("|")[1:-1] for line in (tmp_path / "t.md").read_text().splitlines()[2:]]
+    by_batching = {r[2].strip(): [c.strip() for c in r] for r in rows}
+    tbb, sbb10 = by_batching["tbb"], by_batching["sbb10"]
+    assert tbb[3] == "2" and sbb10[3] == "1"  # the unfinished seed is left out
+    assert tbb[4].startswith("+0.750 (+0.500, +1.000)")  # mean of the last evals 1.0 and 0.5
+    assert tbb[5].startswith(f"{np.mean([0.5, 0.25]):+.3f}")  # area: the mean of each curve
+    assert sbb10[4].startswith("+0.250 (+0.250, +0.250)")
+    assert tbb[7] == "1.00" and sbb10[7] == "0.80" and tbb[6] == "20" and tbb[8] == "2.0"
+    assert (tmp_path / "f.png").stat().st_size > 0
+
+
+def test_reproduce_rejects_an_unknown_batching(capsys):
+    with pytest.raises(SystemExit) as e:
+        load_reproduce().parse_args(["--batchings", "tbb", "segments"])
+    assert e.value.code == 2 and "unknown batching 'segments'" in capsys.readouterr().err

@@ -67,7 +67,7 @@ def command(task, model, batching, seed, args):
 
 
 def read_curve(out):
-    """(steps, eval returns) of the newest run in `out`, or None if there is none."""
+    """The eval rows of the newest run in `out` as {column: array}, or None if there is none."""
     runs = [os.path.join(out, d) for d in os.listdir(out)] if os.path.isdir(out) else []
     runs = [d for d in runs if os.path.isfile(os.path.join(d, "metrics.csv"))]
     if not runs:
@@ -77,13 +77,12 @@ def read_curve(out):
         rows = [r for r in csv.DictReader(f) if r["eval_return"] != "nan"]
     if not rows:
         return None
-    return (np.array([int(r["global_step"]) for r in rows]),
-            np.array([float(r["eval_return"]) for r in rows]))
+    return {k: np.array([float(r[k]) for r in rows]) for k in rows[0]}
 
 
 def complete(out, total):
     curve = read_curve(out)
-    return curve is not None and curve[0][-1] >= total
+    return curve is not None and curve["global_step"][-1] >= total
 
 
 def bootstrap_ci(values, rng, resamples=2000):
@@ -116,41 +115,59 @@ def run_grid(args):
         list(pool.map(one, todo))
 
 
+def finished_curves(task, model, batching, args):
+    curves = [read_curve(command(task, model, batching, s, args)[0])
+              for s in range(1, args.seeds + 1)]
+    return [c for c in curves if c is not None and c["global_step"][-1] >= args.total_timesteps]
+
+
 def summarise(args):
+    """One panel per (model, task), one colour per batching; a markdown table of the same runs."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rng = np.random.default_rng(0)
-    fig, axes = plt.subplots(1, len(args.tasks), figsize=(4.5 * len(args.tasks), 3.6), squeeze=False)
-    lines = ["| task | model | batching | seeds | final return (95% CI) | area under curve (95% CI) |",
-             "|---|---|---|---|---|---|"]
-    for ax, task in zip(axes[0], args.tasks):
-        for model in args.models:
+    rows, cols = len(args.models), len(args.tasks)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), squeeze=False)
+    lines = ["| task | model | batching | seeds | final return (95% CI) | area under curve (95% CI)"
+             " | updates | density | minutes per run |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for i, model in enumerate(args.models):
+        for j, task in enumerate(args.tasks):
+            ax = axes[i][j]
             for batching in args.batchings:
-                curves = [read_curve(command(task, model, batching, s, args)[0])
-                          for s in range(1, args.seeds + 1)]
-                curves = [c for c in curves if c is not None and c[0][-1] >= args.total_timesteps]
+                curves = finished_curves(task, model, batching, args)
                 if not curves:
                     continue
-                n = min(len(c[0]) for c in curves)  # log points are the same for every seed
-                steps, returns = curves[0][0][:n], np.stack([c[1][:n] for c in curves])
+                n = min(len(c["global_step"]) for c in curves)  # same log points for every seed
+                steps = curves[0]["global_step"][:n]
+                returns = np.stack([c["eval_return"][:n] for c in curves])
                 mean, low, high = bootstrap_ci(returns, rng)
-                style = "-" if model == args.models[0] else "--"
-                ax.plot(steps, mean, style, color=COLOURS.get(batching), label=f"{model} {batching}")
-                ax.fill_between(steps, low, high, color=COLOURS.get(batching), alpha=0.2)
+                colour = COLOURS.get(batching)
+                ax.plot(steps, mean, color=colour, label=batching)
+                ax.fill_between(steps, low, high, color=colour, alpha=0.2)
                 final = bootstrap_ci(returns[:, -1], rng)
                 auc = bootstrap_ci(returns.mean(axis=1), rng)
+                # Compute is equal by construction: the same updates of the same B slots.
+                updates = np.mean([c["updates"][-1] for c in curves])
+                density = (np.mean([np.nanmean(c["density"]) for c in curves])
+                           if "density" in curves[0] else 1.0)
+                minutes = np.mean([c["elapsed_s"][-1] for c in curves]) / 60
                 lines.append(f"| {task} | {model} | {batching} | {len(curves)} | "
                              f"{final[0]:+.3f} ({final[1]:+.3f}, {final[2]:+.3f}) | "
-                             f"{auc[0]:+.3f} ({auc[1]:+.3f}, {auc[2]:+.3f}) |")
-        ax.set(title=task, xlabel="environment steps", ylabel="mean greedy eval return")
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+                             f"{auc[0]:+.3f} ({auc[1]:+.3f}, {auc[2]:+.3f}) | "
+                             f"{updates:,.0f} | {density:.2f} | {minutes:.1f} |")
+            ax.set_title(f"{task} ({model})", fontsize=10)
+            ax.set(xlabel="environment steps" if i == rows - 1 else None,
+                   ylabel="mean greedy eval return" if j == 0 else None)
+            ax.xaxis.set_major_formatter(lambda x, _: f"{x / 1000:.0f}k")
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8, title=f"mean of {args.seeds} seeds, 95% CI", title_fontsize=8)
     fig.tight_layout()
     for path in (args.figure, args.table):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(args.figure, dpi=120)
+    fig.savefig(args.figure, dpi=110)
     with open(args.table, "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
