@@ -123,6 +123,9 @@ def finished_curves(task, model, batching, args):
 
 def summarise(args):
     """One panel per (model, task), one colour per batching; a markdown table of the same runs."""
+    if not any(finished_curves(t, m, b, args)
+               for t in args.tasks for m in args.models for b in args.batchings):
+        sys.exit(f"reproduce.py: error: no finished runs under {args.grid_dir} to plot")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -145,7 +148,8 @@ def summarise(args):
                 returns = np.stack([c["eval_return"][:n] for c in curves])
                 mean, low, high = bootstrap_ci(returns, rng)
                 colour = COLOURS.get(batching)
-                ax.plot(steps, mean, color=colour, label=batching)
+                label = "TBB" if batching == "tbb" else f"SBB, L = {batching[3:]}"
+                ax.plot(steps, mean, color=colour, label=label)
                 ax.fill_between(steps, low, high, color=colour, alpha=0.2)
                 final = bootstrap_ci(returns[:, -1], rng)
                 auc = bootstrap_ci(returns.mean(axis=1), rng)
