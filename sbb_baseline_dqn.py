@@ -114,8 +114,8 @@ def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n")[0],
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--exp-name", default=None,  # SBB: the default names the memory and L
-                   help="name of this experiment, part of the run folder name "
-                        "(default: sbb_<memory>_L<segment length>)")
+                   help="name of this experiment, part of the run folder name; "
+                        "None means sbb_<memory>_L<segment length>")
     p.add_argument("--env-id", default="RepeatFirstEasy",
                    help="a POPGym class name (RepeatFirstEasy) or a gymnasium id "
                         "(popgym-RepeatFirstEasy-v0); any discrete-action env")

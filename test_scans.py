@@ -1352,7 +1352,8 @@ def write_fake_run(out, steps, returns, density=None):
 def test_reproduce_resumes_and_tabulates(tmp_path, monkeypatch):
     rep = load_reproduce()
     grid = str(tmp_path / "grid")
-    flags = ["--tasks", "RepeatFirstEasy", "--batchings", "tbb", "sbb10", "--seeds", "2",
+    flags = ["--tasks", "RepeatFirstEasy", "--models", "ffm", "--batchings", "tbb", "sbb10",
+             "--seeds", "2",
              "--total-timesteps", "300", "--grid-dir", grid,
              "--figure", str(tmp_path / "f.png"), "--table", str(tmp_path / "t.md")]
     args = rep.parse_args(flags)

@@ -174,15 +174,18 @@ def first_reaching(rows, threshold):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1000, 4000, 16000])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS),
+                   help="memoroids to time")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1000, 4000, 16000],
+                   help="tape sizes B of the update-time table")
     p.add_argument("--repeats", type=int, default=10, help="timed repeats (median)")
     p.add_argument("--collect-steps", type=int, default=100_000,
                    help="env steps of the collection-only run")
     p.add_argument("--run-models", nargs="*", default=["ffm"], choices=list(MODELS),
                    help="models for the whole-run rows (default flags, paper recipe); "
-                        "none to skip them")
+                        "give the flag alone to skip them")
     args = p.parse_args()
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, {os.cpu_count()} CPU cores")
 
