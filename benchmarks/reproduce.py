@@ -2,8 +2,8 @@
 
 Runs a grid of tasks x models x batchings x seeds by calling the scripts as subprocesses with
 identical flags apart from the batching, then plots mean eval return vs env steps with 95%
-bootstrapped confidence bands (one panel per model and task, one colour per batching) and writes a table
-of final and area-under-curve returns.
+bootstrapped confidence bands (one panel per model and task, one colour per batching) and
+writes a table of final and area-under-curve returns.
 
     python benchmarks/reproduce.py --jobs 2      # the default grid: 108 runs, ~1 h 40 min on 2 cores
     python benchmarks/reproduce.py --plot-only   # redraw from the runs made so far
@@ -128,8 +128,9 @@ def finished_curves(task, model, batching, args):
 
 def summarise(args):
     """One panel per (model, task), one colour per batching; a markdown table of the same runs."""
-    if not any(finished_curves(t, m, b, args)
-               for t in args.tasks for m in args.models for b in args.batchings):
+    runs = {(m, t, b): finished_curves(t, m, b, args)
+            for m in args.models for t in args.tasks for b in args.batchings}
+    if not any(runs.values()):
         sys.exit(f"reproduce.py: error: no finished runs under {args.grid_dir} to plot")
     import matplotlib
     matplotlib.use("Agg")
@@ -145,7 +146,7 @@ def summarise(args):
         for j, task in enumerate(args.tasks):
             ax = axes[i][j]
             for batching in args.batchings:
-                curves = finished_curves(task, model, batching, args)
+                curves = runs[model, task, batching]
                 if not curves:
                     continue
                 n = min(len(c["global_step"]) for c in curves)  # same log points for every seed
