@@ -1,14 +1,15 @@
 """Double DQN with a Linear Recurrent Unit (LRU) memoroid and Tape-Based Batching.
 
 Reference implementation of "Revisiting Recurrent Reinforcement Learning with Memoroids"
-(Morad et al., NeurIPS 2024) with the LRU of "Resurrecting Recurrent Neural Networks for Long
-Sequences" (Orvieto et al., ICML 2023) as its memory, in one file you can read top to bottom:
+(Morad et al., NeurIPS 2024), with the LRU of "Resurrecting Recurrent Neural Networks for Long
+Sequences" (Orvieto et al., ICML 2023) as its memory, to be read top to bottom:
 
-  (1) the LRU memoroid and its resettable scan      (paper Sec. 3, 4.1; Orvieto et al. Sec. 3)
-  (2) the recurrent Q network                        (paper Sec. 5)
-  (3) the tape buffer                                (paper Sec. 4.2, Tape-Based Batching)
-  (4) the double-DQN loss                            (paper Sec. 5)
-  (5) the jitted training loop
+  (1) the LRU memoroid and its resettable scan         paper Sec. 3, 4.1; Orvieto et al. Sec. 3
+  (2) the recurrent Q network                          paper Sec. 5
+  (3) the tape: whole episodes on one ring buffer      paper Sec. 4.2 (Tape-Based Batching)
+  (4) the double-DQN loss                              paper Sec. 5
+  (5) the jitted train phase, and the loop that collects, stores and trains
+  then the plumbing: command line, environments, outputs.
 
 Run:   python lru_tbb_dqn.py                          # learns RepeatFirstEasy
        python lru_tbb_dqn.py --env-id CountRecallEasy --total-timesteps 1000000
@@ -25,174 +26,52 @@ import time
 from functools import partial
 from typing import NamedTuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 
 
-# ---------------------------------------------------------------------------------------------
-# Command line. Every hyperparameter is a flag; the model's own sizes come first.
-# ---------------------------------------------------------------------------------------------
-def add_model_flags(parser):
-    g = parser.add_argument_group("LRU model")
-    g.add_argument("--hidden-size", type=int, default=256,
-                   help="width of the embedding, the LRU blocks and the Q head")
-    g.add_argument("--state-size", type=int, default=128,
-                   help="LRU state size N: complex diagonal states per block")
-    g.add_argument("--num-layers", type=int, default=2, help="number of stacked LRU blocks")
-    # Not the LRU paper's generic r_min=0, r_max=1, max phase 2 pi: with those most states
-    # forget within a few steps and the rest rotate fast, while POPGym's memory tasks must hold
-    # one observation still for a whole episode (~50 steps for Easy). Radii in [0.9, 0.999] keep
-    # memories of ~10 to ~1000 steps; small phases keep them nearly still (Orvieto et al.'s
-    # setting for their longest-range task).
-    g.add_argument("--r-min", type=float, default=0.9,
-                   help="smallest |lambda| of the ring initialisation (memory ~1/(1-r) steps)")
-    g.add_argument("--r-max", type=float, default=0.999,
-                   help="largest |lambda| of the ring initialisation")
-    g.add_argument("--max-phase", type=float, default=np.pi / 10,
-                   help="largest initial phase arg(lambda), in radians")
-
-
-def check_model_flags(args):
-    for name in ("hidden_size", "state_size", "num_layers", "r_max", "max_phase"):
-        if not getattr(args, name) > 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if not 0.0 <= args.r_min <= args.r_max < 1.0:
-        raise UsageError(f"need 0 <= --r-min <= --r-max < 1, got {args.r_min} and {args.r_max}")
-
-
-# ==== shared: command line ====
-class UsageError(Exception):
-    """A bad flag or environment: reported as one line on stderr, exit code 2."""
-
-    exit_code = 2
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageError(message)
-
-
-def parse_args(argv=None):
-    p = ArgumentParser(description=__doc__.split("\n")[0],
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--exp-name", default=os.path.splitext(os.path.basename(__file__))[0],
-                   help="name of this experiment, part of the run folder name")
-    p.add_argument("--env-id", default="RepeatFirstEasy",
-                   help="a POPGym class name (RepeatFirstEasy) or a gymnasium id "
-                        "(popgym-RepeatFirstEasy-v0); any discrete-action env")
-    p.add_argument("--seed", type=int, default=1, help="seed of the network, the envs and sampling")
-    p.add_argument("--total-timesteps", type=int, default=300_000,
-                   help="environment steps (transitions) to collect, summed over all envs")
-    p.add_argument("--num-envs", type=int, default=32,
-                   help="parallel environments stepped with one batched act call")
-    p.add_argument("--max-episode-steps", type=int, default=0,
-                   help="episode cap; 0 takes the env's own (needed for envs without one)")
-    p.add_argument("--buffer-size", type=int, default=100_000,
-                   help="tape buffer capacity in transitions (oldest whole episodes are evicted)")
-    p.add_argument("--batch-size", type=int, default=1000,
-                   help="transitions per training tape B (whole episodes, only the last cut)")
-    p.add_argument("--learning-rate", type=float, default=1e-3,
-                   help="AdamW learning rate (the paper's 1e-4 learns too, ~2x slower)")
-    p.add_argument("--lr-warmup-updates", type=int, default=200,
-                   help="updates over which the learning rate ramps linearly from 0")
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="global gradient-norm clip")
-    p.add_argument("--gamma", type=float, default=0.99, help="discount factor")
-    p.add_argument("--tau", type=float, default=0.005,
-                   help="Polyak rate of the target network, applied after every update")
-    p.add_argument("--start-e", type=float, default=0.2, help="starting epsilon of exploration")
-    p.add_argument("--end-e", type=float, default=0.01, help="final epsilon of exploration")
-    p.add_argument("--exploration-fraction", type=float, default=0.5,
-                   help="fraction of the steps after --learning-starts over which epsilon "
-                        "anneals linearly")
-    p.add_argument("--learning-starts", type=int, default=100_000,
-                   help="env steps of uniformly random actions before training starts")
-    p.add_argument("--train-frequency", type=int, default=256,
-                   help="env steps between two train phases")
-    p.add_argument("--updates-per-train", type=int, default=4,
-                   help="gradient updates in one train phase (one jitted call)")
-    p.add_argument("--scan", choices=("auto", "associative", "sequential"), default="auto",
-                   help="how to scan the tape: associative (O(log n) depth, best on GPU/TPU), "
-                        "sequential (lax.scan, best on CPU); auto picks by backend")
-    p.add_argument("--eval-every", type=int, default=10_000, help="env steps between evaluations")
-    p.add_argument("--eval-episodes", type=int, default=32,
-                   help="greedy episodes per evaluation (their plain mean is logged)")
-    p.add_argument("--log-every", type=int, default=10_000, help="env steps between progress lines")
-    p.add_argument("--output-dir", default="runs", help="parent folder of the run folder")
-    p.add_argument("--save-model", action="store_true", help="write params.npz into the run folder")
-    p.add_argument("--load-model", default=None,
-                   help="params.npz to start from (a file written by --save-model)")
-    add_model_flags(p)
-    args = p.parse_args(argv)
-    check_args(args)
-    return args
-
-
-def check_args(args):
-    positive = ("total_timesteps", "num_envs", "buffer_size", "batch_size", "learning_rate",
-                "max_grad_norm", "train_frequency", "updates_per_train", "eval_every",
-                "eval_episodes", "log_every")
-    for name in positive:
-        if not getattr(args, name) > 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ("learning_starts", "lr_warmup_updates", "max_episode_steps"):
-        if getattr(args, name) < 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    for name in ("gamma", "start_e", "end_e"):
-        if not 0.0 <= getattr(args, name) <= 1.0:
-            raise UsageError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
-    for name in ("tau", "exploration_fraction"):
-        if not 0.0 < getattr(args, name) <= 1.0:
-            raise UsageError(f"--{name.replace('_', '-')} must be in (0, 1], got {getattr(args, name)}")
-    if args.load_model is not None and not os.path.isfile(args.load_model):
-        raise UsageError(f"--load-model: no such file {args.load_model!r}")
-    check_model_flags(args)
-# ==== end shared: command line ====
-
-
-import jax  # noqa: E402  (after argparse, so that --help and flag errors answer at once)
-import jax.numpy as jnp  # noqa: E402
-import optax  # noqa: E402
-
-
-# ---------------------------------------------------------------------------------------------
+# =============================================================================================
 # (1) The LRU memoroid (paper Sec. 3 and 4.1; LRU: Orvieto et al. 2023, Sec. 3)
 #
-# An LRU keeps N complex states h_t = lambda * h_{t-1} + gamma * (B x_t), a diagonal linear
+# An LRU keeps N complex states h_t = lambda * h_{t-1} + gamma * (B u_t), a diagonal linear
 # recurrence with a learned lambda = exp(-exp(nu) + i exp(theta)), so |lambda| = exp(-exp(nu))
-# < 1 for every nu: stable by construction. As a monoid over elements (A, b) -- the decay
+# < 1 for every nu: stable by construction. As a monoid over elements (A, h) -- the decay
 # accumulated over a span and the state the span produces from a zero start --
 #
-#     (A_i, b_i) . (A_j, b_j) = (A_j A_i,  A_j b_i + b_j),     identity e = (1, 0).
+#     (A_a, h_a) • (A_b, h_b) = (A_b A_a,  A_b h_a + h_b),     identity e = (1, 0).
 #
 # The op has no parameters: lambda enters through the input map, which gives every step the
-# element (lambda, gamma B x_t). Associativity lets jax.lax.associative_scan compute all prefix
+# element (lambda, gamma B u_t). Associativity lets jax.lax.associative_scan compute all prefix
 # states in O(log n) depth.
-# ---------------------------------------------------------------------------------------------
+# =============================================================================================
 def monoid_op(a, b):
-    """(A_i, b_i) . (A_j, b_j) = (A_j A_i, A_j b_i + b_j): older span a, then newer span b."""
-    decay_a, state_a = a
-    decay_b, state_b = b
-    return decay_b * decay_a, decay_b * state_a + state_b
+    """(A_a, h_a) • (A_b, h_b) = (A_b A_a, A_b h_a + h_b): the older span a, then the newer b."""
+    decay_a, h_a = a
+    decay_b, h_b = b
+    return decay_b * decay_a, decay_b * h_a + h_b
 
 
 def identity_like(elements):
-    """The identity e = (1, 0), shaped like `elements`: e . x = x . e = x."""
-    decay, state = elements
-    return jnp.ones_like(decay), jnp.zeros_like(state)
+    """e = (1, 0), shaped like `elements`: e • x = x • e = x."""
+    decay, h = elements
+    return jnp.ones_like(decay), jnp.zeros_like(h)
 
 
+# ==== shared: scan and layers ====
 def reset_op(a, b):
-    """Reset-wrapped op on (element, start) pairs (paper Sec. 4.1):
+    """The op on (element, start) pairs, which forgets at an episode start (paper Sec. 4.1):
 
-        (x_a, s_a) . (x_b, s_b) = (x_b if s_b else x_a . x_b,  s_a or s_b).
+        (x_a, s_a) • (x_b, s_b) = (x_b if s_b else x_a • x_b,  s_a or s_b).
 
-    Still associative, so one scan over many concatenated episodes never carries memory
-    across an episode start. Works on single elements and on batches (leading axis).
+    Still associative, so one scan over concatenated episodes never carries memory across a
+    start. Works on single elements and on batches (leading axis).
     """
-    x_a, start_a = a
-    x_b, start_b = b
+    (x_a, start_a), (x_b, start_b) = a, b
     merged = monoid_op(x_a, x_b)
 
-    def pick(new, both):
+    def pick(new, both):  # the flag is per step: broadcast it over each leaf's other axes
         flag = start_b.reshape(start_b.shape + (1,) * (new.ndim - start_b.ndim))
         return jnp.where(flag, new, both)
 
@@ -200,41 +79,28 @@ def reset_op(a, b):
 
 
 def resettable_scan(elements, start, scan="associative"):
-    """Inclusive prefix states h_t = e . x_{t0} . ... . x_t, where t0 is the last start <= t.
+    """All prefix states e • x_t0 • ... • x_t (t0 the last start <= t) along a tape.
 
     `elements` is a pytree with a leading time axis, `start` a bool vector over time. Both
-    paths evaluate the same op: "associative" in O(log n) depth (fast on accelerators),
-    "sequential" as a lax.scan (fewer operations in total, fast on a CPU).
+    ways evaluate the same op: "associative" in O(log n) depth (fast on accelerators),
+    "sequential" as a lax.scan (fewer operations, fast on a CPU).
     """
     if scan == "associative":
-        states, _ = jax.lax.associative_scan(reset_op, (elements, start))
-        return states
-    if scan == "sequential":
-        first = jax.tree.map(lambda x: x[0], elements)
-        carry0 = (identity_like(first), jnp.zeros((), bool))
+        return jax.lax.associative_scan(reset_op, (elements, start))[0]
+    first = jax.tree.map(lambda x: x[0], elements)
 
-        def step(carry, x):
-            carry = reset_op(carry, x)
-            return carry, carry[0]
+    def step(carry, x):
+        carry = reset_op(carry, x)
+        return carry, carry[0]
 
-        _, states = jax.lax.scan(step, carry0, (elements, start))
-        return states
-    raise ValueError(f"unknown scan {scan!r}")
+    return jax.lax.scan(step, (identity_like(first), jnp.zeros((), bool)), (elements, start))[1]
 
 
-# ---------------------------------------------------------------------------------------------
-# (2) The Q network, as plain pytrees (paper Sec. 5):
-#     Linear -> LayerNorm -> leaky ReLU -> --num-layers LRU blocks -> dueling MLP head.
-# Each block is Orvieto et al.'s: pre-LayerNorm, LRU, GELU, gated linear unit, residual.
-#     u_t = LN(x_t)
-#     h_t = lambda * h_{t-1} + gamma * (B u_t)             (input map, then the scan)
-#     y_t = Re(C h_t) + D * u_t                             (output map)
-#     x_t <- x_t + W_a z_t * sigmoid(W_g z_t),  z_t = GELU(y_t)
-# In code vectors are rows: B u is u @ B and C h is h @ C. B and C are complex but kept as real
-# matrices so that each product is one real matmul: B as [Re B | Im B] (H x 2N), giving
-# [Re, Im] of B u; C as [Re C; -Im C] (2N x H), since Re(C h) = Re C Re h - Im C Im h.
-# Each block's outputs are the next block's inputs.
-# ---------------------------------------------------------------------------------------------
+# =============================================================================================
+# (2) The Q network (paper Sec. 5), its parameters a plain pytree of arrays:
+#     observation -> Linear -> LayerNorm -> leaky ReLU -> memory -> dueling head.
+# The embedding and the head are the same for every memory; the memory's maps follow them.
+# =============================================================================================
 def init_linear(key, n_in, n_out):
     bound = 1.0 / np.sqrt(n_in)
     return {"w": jax.random.uniform(key, (n_in, n_out), minval=-bound, maxval=bound),
@@ -259,43 +125,84 @@ def norm(p, x):
     return layer_norm(x) * p["scale"] + p["bias"]
 
 
-def init_lru_block(key, h, n, args):
+def embed(params, obs):
+    """Observation o_t -> embedding x_t, the memory's input."""
+    return jax.nn.leaky_relu(norm(params["embed_ln"], linear(params["embed"], obs)))
+
+
+def q_head(params, y):
+    """Dueling head on the memory's output y_t: Q = V + A - mean(A)."""
+    p = params["head"]
+    hidden = jax.nn.leaky_relu(linear(p["hidden"], y))
+    advantage = linear(p["advantage"], hidden)
+    return linear(p["value"], hidden) + advantage - advantage.mean(-1, keepdims=True)
+# ==== end shared: scan and layers ====
+
+
+# The memory is --num-layers of Orvieto et al.'s blocks: pre-LayerNorm, LRU, GELU, gated linear
+# unit, residual. With x_t the block input (the embedding, for the first block):
+#     u_t = LN(x_t)
+#     h_t = lambda * h_{t-1} + gamma * (B u_t)                 (input map, then the scan)
+#     y_t = Re(C h_t) + D * u_t                                 (output map)
+#     x_t <- x_t + W_a z_t * sigmoid(W_g z_t),  z_t = GELU(y_t)
+# In code vectors are rows: B u is u @ B, C h is h @ C. B and C are complex but stored as real
+# matrices, so that each product is one real matmul: B as [Re B | Im B] (width x 2N), giving
+# [Re, Im] of B u; C as [Re C; -Im C] (2N x width), since Re(C h) = Re C Re h - Im C Im h.
+def add_model_flags(parser):
+    g = parser.add_argument_group("LRU model")
+    g.add_argument("--hidden-size", type=POSITIVE_INT, default=256,
+                   help="width of the embedding, the LRU blocks and the Q head")
+    g.add_argument("--state-size", type=POSITIVE_INT, default=128,
+                   help="LRU state size N: complex diagonal states per block")
+    g.add_argument("--num-layers", type=POSITIVE_INT, default=2, help="stacked LRU blocks")
+    # Not the LRU paper's generic r_min=0, r_max=1, max phase 2 pi: with those most states
+    # forget within a few steps and the rest rotate fast, while POPGym's memory tasks must hold
+    # one observation still for a whole episode (~50 steps for Easy). Radii in [0.9, 0.999] keep
+    # memories of ~10 to ~1000 steps; small phases keep them nearly still (Orvieto et al.'s
+    # setting for their longest-range task).
+    g.add_argument("--r-min", type=float, default=0.9,
+                   help="smallest |lambda| of the ring initialisation (memory ~1/(1-r) steps)")
+    g.add_argument("--r-max", type=POSITIVE_FLOAT, default=0.999,
+                   help="largest |lambda| of the ring initialisation")
+    g.add_argument("--max-phase", type=POSITIVE_FLOAT, default=np.pi / 10,
+                   help="largest initial phase arg(lambda), in radians")
+
+
+def check_model_flags(args):
+    if not 0.0 <= args.r_min <= args.r_max < 1.0:
+        fail(f"need 0 <= --r-min <= --r-max < 1, got {args.r_min} and {args.r_max}")
+
+
+def init_lru_block(key, width, n, args):
     k = jax.random.split(key, 5)
     # Ring initialisation (Orvieto et al. Sec. 3): |lambda|^2 uniform on [r_min^2, r_max^2],
     # arg(lambda) uniform on [0, max_phase]. Draws are kept above 0 because both enter logs.
     u_radius, u_phase = jax.random.uniform(k[0], (2, n), minval=1e-6)
     radius_sq = args.r_min**2 + u_radius * (args.r_max**2 - args.r_min**2)
     return {
-        "norm": init_norm(h),
+        "norm": init_norm(width),
         "nu_log": jnp.log(-0.5 * jnp.log(radius_sq)),
         "theta_log": jnp.log(args.max_phase * u_phase),
         # gamma = sqrt(1 - |lambda|^2) keeps the state as large as the input whatever the
         # radius; it is learned from there on, as in the LRU paper.
         "gamma_log": 0.5 * jnp.log1p(-radius_sq),
-        "B": jax.random.normal(k[1], (h, 2 * n)) / np.sqrt(2 * h),
-        "C": jax.random.normal(k[2], (2 * n, h)) / np.sqrt(n),
-        "D": jax.random.normal(k[3], (h,)),
-        "glu": init_linear(k[4], h, 2 * h),  # the GLU's value and gate
+        "B": jax.random.normal(k[1], (width, 2 * n)) / np.sqrt(2 * width),
+        "C": jax.random.normal(k[2], (2 * n, width)) / np.sqrt(n),
+        "D": jax.random.normal(k[3], (width,)),
+        "glu": init_linear(k[4], width, 2 * width),  # W_a and W_g
     }
 
 
 def init_params(key, obs_dim, num_actions, args):
-    h = args.hidden_size
+    width = args.hidden_size
     k = jax.random.split(key, 4 + args.num_layers)
     return {
-        "embed": init_linear(k[0], obs_dim, h),
-        "embed_ln": init_norm(h),
-        "lru": [init_lru_block(kb, h, args.state_size, args) for kb in k[4:]],
-        "head": {
-            "hidden": init_linear(k[1], h, h),
-            "value": init_linear(k[2], h, 1),
-            "advantage": init_linear(k[3], h, num_actions),
-        },
+        "embed": init_linear(k[0], obs_dim, width),
+        "embed_ln": init_norm(width),
+        "lru": [init_lru_block(kb, width, args.state_size, args) for kb in k[4:]],
+        "head": {"hidden": init_linear(k[1], width, width), "value": init_linear(k[2], width, 1),
+                 "advantage": init_linear(k[3], width, num_actions)},
     }
-
-
-def embed(params, obs):
-    return jax.nn.leaky_relu(norm(params["embed_ln"], linear(params["embed"], obs)))
 
 
 def lru_lambda(p):
@@ -304,11 +211,11 @@ def lru_lambda(p):
 
 
 def input_map(p, u):
-    """Normalised block input u [..., H] -> element (lambda, gamma B u), each [..., N] complex."""
+    """Normalised block input u [..., width] -> element (lambda, gamma B u), each [..., N]."""
     bu_re, bu_im = jnp.split(u @ p["B"], 2, axis=-1)
-    b = jnp.exp(p["gamma_log"]) * jax.lax.complex(bu_re, bu_im)
+    bu = jnp.exp(p["gamma_log"]) * jax.lax.complex(bu_re, bu_im)
     lam = lru_lambda(p)  # once per call, not per step: a complex exp costs ~18 float exps
-    return jnp.broadcast_to(lam, b.shape), b
+    return jnp.broadcast_to(lam, bu.shape), bu
 
 
 def output_map(p, state, x, u):
@@ -319,21 +226,12 @@ def output_map(p, state, x, u):
     return x + value * jax.nn.sigmoid(gate)
 
 
-def q_head(params, y):
-    """Dueling head: Q = V + A - mean(A)."""
-    p = params["head"]
-    x = jax.nn.leaky_relu(linear(p["hidden"], y))
-    adv = linear(p["advantage"], x)
-    return linear(p["value"], x) + adv - adv.mean(-1, keepdims=True)
-
-
 def q_tape(params, obs, next_obs, start, scan):
-    """Q values along a tape of concatenated episodes, one scan per block.
+    """Q(o_0..o_t) and Q(o_0..o_t, o_t+1) for every step t of a tape, each [B, actions].
 
-    Returns Q(o_0..o_t) and Q(o_0..o_t, o_{t+1}) for every t, each [B, actions]. In every
-    block the second combines the prefix state after o_t with the element of o_{t+1} (one
-    extra op), and feeds the next block's next-observation path, so the target's memory sees
-    the whole episode, its first observation included.
+    One scan per block gives every prefix state; in every block the second path combines the
+    prefix state after o_t with the element of o_t+1 (one more op) and feeds the next block's
+    second path, so the target's memory sees the whole episode.
     """
     x, x_next = embed(params, obs), embed(params, next_obs)
     for p in params["lru"]:
@@ -345,13 +243,13 @@ def q_tape(params, obs, next_obs, start, scan):
 
 
 def initial_carry(params, num_envs):
-    """Recurrent state of `num_envs` envs before their first step: the identity, per block."""
+    """The recurrent state of `num_envs` envs before their first step: the identity, per block."""
     return tuple(identity_like((jnp.zeros((num_envs,) + p["nu_log"].shape, jnp.complex64),) * 2)
                  for p in params["lru"])
 
 
 def q_step(params, carry, obs, start):
-    """One recurrent step for a batch of envs: the same reset op as the scan, so the two agree."""
+    """One step of every env, with the scan's own reset op, so acting and training agree."""
     x = embed(params, obs)
     new_carry = []
     for p, state in zip(params["lru"], carry):
@@ -362,104 +260,88 @@ def q_step(params, carry, obs, start):
     return q_head(params, x), tuple(new_carry)
 
 
-# ==== shared: tape buffer ====
-# ---------------------------------------------------------------------------------------------
-# (3) The tape buffer (paper Sec. 4.2). One flat ring of transitions on the device. Episodes
-# are stored whole and contiguously (modulo the ring), oldest first; adding an episode evicts
-# the oldest *whole* episodes until it fits, so no stored episode is ever partly overwritten.
-# Each transition remembers where its episode starts and how long it is, which is all that
-# sampling and eviction need.
-# ---------------------------------------------------------------------------------------------
+# ==== shared: tape, loss, training, plumbing ====
+# =============================================================================================
+# (3) The tape (paper Sec. 4.2): one flat ring of transitions on the device. Episodes are
+# stored whole and contiguously (modulo the ring), oldest first; adding one evicts the oldest
+# *whole* episodes until it fits, so no stored episode is ever partly overwritten. Each step
+# remembers where its episode starts and how long it is: all that sampling and eviction need.
+# =============================================================================================
+class Transition(NamedTuple):
+    """One step; the tape holds each field as a column with a leading [N] axis."""
+    obs: jax.Array  # [obs_dim] float32
+    action: jax.Array  # [] int32
+    reward: jax.Array  # [] float32
+    next_obs: jax.Array  # [obs_dim] float32: the true next observation, at the end too
+    terminated: jax.Array  # [] bool: the episode ended here, so no bootstrap
+    truncated: jax.Array  # [] bool: the episode was cut here; bootstrap from next_obs
+
+
+def zero_transitions(shape, obs_dim, zeros=jnp.zeros):
+    """Transition columns of zeros, each `shape` + the field's own shape."""
+    obs = lambda: zeros(shape + (obs_dim,), jnp.float32)  # noqa: E731
+    return Transition(obs(), zeros(shape, jnp.int32), zeros(shape, jnp.float32), obs(),
+                      zeros(shape, bool), zeros(shape, bool))
+
+
 class Tape(NamedTuple):
-    obs: jax.Array  # [N, obs_dim] float32
-    action: jax.Array  # [N] int32
-    reward: jax.Array  # [N] float32
-    next_obs: jax.Array  # [N, obs_dim] float32
-    terminated: jax.Array  # [N] bool: no bootstrap after this step
-    truncated: jax.Array  # [N] bool: the episode was cut here; bootstrap from next_obs
-    episode_start: jax.Array  # [N] int32 ring index of the first step of this episode
-    episode_length: jax.Array  # [N] int32 length of this episode
-    head: jax.Array  # [] int32 ring index of the oldest stored transition
-    size: jax.Array  # [] int32 number of stored transitions
-
-
-class Batch(NamedTuple):
-    obs: jax.Array
-    action: jax.Array
-    reward: jax.Array
-    next_obs: jax.Array
-    terminated: jax.Array
-    truncated: jax.Array
-    start: jax.Array  # [B] bool: first step of an episode
+    steps: Transition  # columns [N, ...], a ring
+    episode_start: jax.Array  # [N] int32: ring index of the first step of the step's episode
+    episode_length: jax.Array  # [N] int32: length of the step's episode
+    head: jax.Array  # [] int32: ring index of the oldest stored step
+    size: jax.Array  # [] int32: number of stored steps
 
 
 def init_tape(capacity, obs_dim):
-    # Distinct arrays for every field: add_episode donates (updates in place) each of them.
-    obs = lambda: jnp.zeros((capacity, obs_dim), jnp.float32)  # noqa: E731
-    ints = lambda: jnp.zeros(capacity, jnp.int32)  # noqa: E731
-    flags = lambda: jnp.zeros(capacity, bool)  # noqa: E731
-    return Tape(obs(), ints(), jnp.zeros(capacity), obs(), flags(), flags(), ints(), ints(),
-                jnp.int32(0), jnp.int32(0))
+    ints = lambda: jnp.zeros(capacity, jnp.int32)  # noqa: E731  (own arrays: all are donated)
+    return Tape(zero_transitions((capacity,), obs_dim), ints(), ints(), jnp.int32(0), jnp.int32(0))
 
 
 @partial(jax.jit, donate_argnums=0)  # donated: the ring is updated in place, not copied
 def add_episode(tape, episode, length):
-    """Append one episode (fields padded to a fixed length T, the first `length` real).
+    """Append one episode: a Transition of [T, ...] columns whose first `length` rows are real."""
+    capacity = tape.episode_start.shape[0]
 
-    `episode` holds (obs, action, reward, next_obs, terminated, truncated), each [T, ...].
-    """
-    capacity = tape.action.shape[0]
-
-    def must_evict(c):
-        head, size = c
-        return size + length > capacity
-
-    def evict_oldest(c):
-        head, size = c
+    def evict_oldest(ring):
+        head, size = ring
         n = tape.episode_length[head]
         return (head + n) % capacity, size - n
 
-    head, size = jax.lax.while_loop(must_evict, evict_oldest, (tape.head, tape.size))
+    head, size = jax.lax.while_loop(lambda ring: ring[1] + length > capacity, evict_oldest,
+                                    (tape.head, tape.size))
     write = (head + size) % capacity
-    t = jnp.arange(episode[0].shape[0])
-    # Padding rows get an out-of-range index and are dropped by the scatter.
-    idx = jnp.where(t < length, (write + t) % capacity, capacity)
-    stored = [col.at[idx].set(new.astype(col.dtype), mode="drop") for col, new in zip(tape[:6], episode)]
-    return Tape(*stored,
-                tape.episode_start.at[idx].set(write, mode="drop"),
-                tape.episode_length.at[idx].set(length, mode="drop"),
-                head, size + length)
+    t = jnp.arange(episode.obs.shape[0])
+    idx = jnp.where(t < length, (write + t) % capacity, capacity)  # padding rows: dropped
+    put = lambda column, new: column.at[idx].set(new.astype(column.dtype), mode="drop")  # noqa: E731
+    return Tape(jax.tree.map(put, tape.steps, episode), put(tape.episode_start, write),
+                put(tape.episode_length, length), head, size + length)
 
 
 def sample_tape(tape, key, batch_size):
-    """A training tape of exactly `batch_size` transitions made of whole episodes.
+    """A training tape: whole episodes concatenated into exactly `batch_size` steps.
 
-    Sampling distribution: each episode is drawn independently, with replacement, with
-    probability proportional to its length (draw a uniformly random stored transition and
-    take its whole episode). So every stored transition, the newest included, is equally
-    likely to be trained on, and short episodes are not over-represented. Episodes are
-    concatenated in draw order; only the last one may be cut to fit exactly B.
+    Each episode is drawn independently, with replacement, with probability proportional to
+    its length (draw a uniformly random stored step, take its whole episode): every stored
+    step, the newest included, is equally likely to be trained on. Only the last episode may
+    be cut to fit. Returns the steps [B, ...] and the episode-start flags [B].
     """
-    capacity = tape.action.shape[0]
-    # B draws always suffice: each episode contributes at least one step.
+    capacity = tape.episode_start.shape[0]
+    # B draws always suffice: each episode gives at least one step.
     pos = (tape.head + jax.random.randint(key, (batch_size,), 0, tape.size)) % capacity
     begin, length = tape.episode_start[pos], tape.episode_length[pos]
     ends = jnp.cumsum(length)
     slot = jnp.arange(batch_size)
-    k = jnp.searchsorted(ends, slot, side="right")  # which drawn episode fills each slot
+    k = jnp.searchsorted(ends, slot, side="right")  # the drawn episode that fills each slot
     offset = slot - (ends[k] - length[k])
     idx = (begin[k] + offset) % capacity
-    return Batch(tape.obs[idx], tape.action[idx], tape.reward[idx], tape.next_obs[idx],
-                 tape.terminated[idx], tape.truncated[idx], offset == 0)
-# ==== end shared: tape buffer ====
+    return jax.tree.map(lambda column: column[idx], tape.steps), offset == 0
 
 
-# ==== shared: loss ====
-# ---------------------------------------------------------------------------------------------
-# (4) The loss: double DQN with a Polyak target network, Huber loss averaged over the tape.
-# ---------------------------------------------------------------------------------------------
+# =============================================================================================
+# (4) The loss: double DQN with a Polyak-averaged target network, Huber loss over the tape.
+# =============================================================================================
 def td_targets(q_next_online, q_next_target, reward, terminated, gamma):
-    """y_t = r_t + gamma (1 - terminated_t) Q_target(o_{..t+1}, argmax_a Q_online(o_{..t+1}, a)).
+    """y_t = r_t + gamma (1 - terminated_t) Q_target(o_..t+1, argmax_a Q_online(o_..t+1, a)).
 
     Truncation still bootstraps (the episode was cut, not ended); termination does not.
     """
@@ -469,21 +351,22 @@ def td_targets(q_next_online, q_next_target, reward, terminated, gamma):
 
 
 def td_loss(params, target_params, batch, gamma, scan):
-    """Mean Huber TD error over all B steps of the tape, plus the mean Q of taken actions."""
-    q, q_next_online = q_tape(params, batch.obs, batch.next_obs, batch.start, scan)
-    _, q_next_target = q_tape(target_params, batch.obs, batch.next_obs, batch.start, scan)
-    target = jax.lax.stop_gradient(
-        td_targets(q_next_online, q_next_target, batch.reward, batch.terminated, gamma))
-    q_taken = jnp.take_along_axis(q, batch.action[:, None], axis=-1)[:, 0]
-    return optax.huber_loss(q_taken, target).mean(), q_taken.mean()
-# ==== end shared: loss ====
+    """Mean Huber TD error over all B steps of a sampled tape, and metrics to log."""
+    steps, start = batch
+    q, q_next_online = q_tape(params, steps.obs, steps.next_obs, start, scan)
+    _, q_next_target = q_tape(target_params, steps.obs, steps.next_obs, start, scan)
+    target = jax.lax.stop_gradient(td_targets(q_next_online, q_next_target, steps.reward,
+                                              steps.terminated, gamma))
+    q_taken = jnp.take_along_axis(q, steps.action[:, None], axis=-1)[:, 0]
+    # density: the share of the B slots that hold real steps; 1 on a tape, below 1 with SBB
+    return optax.huber_loss(q_taken, target).mean(), {"q_values": q_taken.mean(),
+                                                       "density": jnp.float32(1.0)}
 
 
-# ==== shared: training loop ====
-# ---------------------------------------------------------------------------------------------
-# (5) The jitted training loop. A train phase -- sample a tape, TD loss, AdamW step, Polyak
-# target update, repeated --updates-per-train times -- is ONE jitted call.
-# ---------------------------------------------------------------------------------------------
+# =============================================================================================
+# (5) Training. A train phase -- sample a tape, TD loss, AdamW step, Polyak target update,
+# repeated --updates-per-train times -- is ONE jitted call; the loop around it collects.
+# =============================================================================================
 class TrainState(NamedTuple):
     params: dict
     target_params: dict
@@ -500,27 +383,27 @@ def make_optimizer(args):
 def make_train_phase(optimizer, args, scan):
     def update(state, tape, key):
         batch = sample_tape(tape, key, args.batch_size)
-        (loss, q), grads = jax.value_and_grad(td_loss, has_aux=True)(
+        (loss, metrics), grads = jax.value_and_grad(td_loss, has_aux=True)(
             state.params, state.target_params, batch, args.gamma, scan)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         target = optax.incremental_update(params, state.target_params, args.tau)
-        return TrainState(params, target, opt_state), (loss, q)
+        return TrainState(params, target, opt_state), {"td_loss": loss, **metrics}
 
     @partial(jax.jit, donate_argnums=0)
     def train_phase(state, tape, key):
         keys = jax.random.split(key, args.updates_per_train)
-        state, (loss, q) = jax.lax.scan(lambda s, k: update(s, tape, k), state, keys)
-        return state, {"td_loss": loss.mean(), "q_values": q.mean()}
+        state, metrics = jax.lax.scan(lambda s, k: update(s, tape, k), state, keys)
+        return state, jax.tree.map(jnp.mean, metrics)
 
     return train_phase
 
 
 @jax.jit
 def act(params, carry, obs, start, epsilon, key, step):
-    """Epsilon-greedy actions for a batch of envs, one recurrent step each."""
+    """Epsilon-greedy actions for all envs, one recurrent step each."""
     q, carry = q_step(params, carry, obs, start)
-    # Folding the step into the key inside the call saves a host-side split per env step.
+    # Folding the step into the key here saves a host-side split per env step.
     k_explore, k_action = jax.random.split(jax.random.fold_in(key, step))
     explore = jax.random.uniform(k_explore, (obs.shape[0],)) < epsilon
     random_action = jax.random.randint(k_action, (obs.shape[0],), 0, q.shape[-1])
@@ -529,7 +412,7 @@ def act(params, carry, obs, start, epsilon, key, step):
 
 def epsilon_at(step, args):
     """1 during the random warm-up, then linear from --start-e to --end-e over a fraction of
-    the remaining steps (CleanRL anneals from step 0; ours starts when learning does)."""
+    the remaining steps (CleanRL anneals from step 0; here it starts when learning does)."""
     if step < args.learning_starts:
         return 1.0
     duration = args.exploration_fraction * max(args.total_timesteps - args.learning_starts, 1)
@@ -537,25 +420,203 @@ def epsilon_at(step, args):
     return max(args.end_e, args.start_e + (args.end_e - args.start_e) * progress)
 
 
+def train(args):
+    """The algorithm box: act in all envs with the recurrent policy, put every finished
+    episode on the tape whole, and every --train-frequency steps run one train phase."""
+    make_env, cap = resolve_env(args.env_id, args.max_episode_steps)
+    for flag in ("buffer_size", "batch_size"):
+        if getattr(args, flag) < cap:
+            fail(f"--{flag.replace('_', '-')} {getattr(args, flag)} is smaller than the longest "
+                 f"episode of {args.env_id} ({cap} steps)")
+    envs = make_vector_env(make_env, args.num_envs)
+    eval_envs = make_vector_env(make_env, args.eval_episodes)
+    obs_dim = int(np.prod(envs.single_observation_space.shape))
+    num_actions = int(envs.single_action_space.n)
+    scan = pick_scan(args.scan)
+    run_dir, log = start_run(args, scan_used=scan, episode_cap=cap)
+
+    key, init_key, act_key = jax.random.split(jax.random.PRNGKey(args.seed), 3)
+    # Jitted set-up: one compile instead of dozens of small eager ones.
+    params = jax.jit(lambda k: init_params(k, obs_dim, num_actions, args))(init_key)
+    if args.load_model:
+        params = load_params(params, args.load_model)
+    optimizer = make_optimizer(args)
+    target = jax.jit(partial(jax.tree.map, jnp.copy))(params)  # own buffers: both are donated
+    state = TrainState(params, target, jax.jit(optimizer.init)(params))
+    train_phase = make_train_phase(optimizer, args, scan)
+    tape = init_tape(args.buffer_size, obs_dim)
+    # Each env's episode so far, on the host, in rows padded to the cap (one compile of
+    # add_episode), until it ends and goes onto the tape whole.
+    running = zero_transitions((args.num_envs, cap), obs_dim, np.zeros)
+    length = np.zeros(args.num_envs, np.int32)
+
+    obs, _ = envs.reset(seed=args.seed)
+    eval_envs.reset(seed=args.seed + 1_000_000)  # seeded apart; later resets continue it
+    carry = initial_carry(params, args.num_envs)
+    start = np.ones(args.num_envs, bool)
+    ep_return = np.zeros(args.num_envs)
+    returns, metrics = [], []
+    step = episodes = phases = 0
+    eval_return = float("nan")
+    while step < args.total_timesteps:
+        # Collect: one step in every env.
+        epsilon = epsilon_at(step, args)
+        actions, carry = act(state.params, carry, obs, start, epsilon, act_key, step)
+        actions = np.asarray(actions)
+        next_obs, reward, terminated, truncated, info = envs.step(actions)
+        done = terminated | truncated
+        transition = (obs, actions, reward, true_next_obs(next_obs, done, info), terminated,
+                      truncated)
+        for column, value in zip(running, transition):
+            column[np.arange(args.num_envs), length] = value
+        length += 1
+        ep_return += reward
+        # Store: every finished episode goes onto the tape whole.
+        for i in np.flatnonzero(done):
+            tape = add_episode(tape, Transition(*(column[i] for column in running)), length[i])
+            returns.append(ep_return[i])
+            length[i], ep_return[i] = 0, 0.0
+            episodes += 1
+        obs, start = next_obs, done
+        step += args.num_envs
+
+        # Train: one phase for every --train-frequency steps from --learning-starts on.
+        while episodes and phases <= (step - args.learning_starts) // args.train_frequency:
+            key, phase_key = jax.random.split(key)
+            state, phase_metrics = train_phase(state, tape, phase_key)
+            metrics.append(phase_metrics)
+            phases += 1
+        finished = step >= args.total_timesteps
+        if passed(step, args.eval_every, args.num_envs) or finished:
+            eval_return = evaluate(state.params, eval_envs, args.eval_episodes)
+        if passed(step, args.log_every, args.num_envs) or finished:
+            # Metrics stay on the device until here: one sync per log line, not per phase.
+            means = {name: float(np.mean([m[name] for m in metrics])) if metrics
+                     else float("nan") for name in ("td_loss", "q_values", "density")}
+            if metrics and not np.isfinite(means["td_loss"]):
+                fail(f"the TD loss became non-finite by step {step}; try a lower "
+                     "--learning-rate or --max-grad-norm", code=1)
+            log(global_step=step, episodes=episodes, updates=phases * args.updates_per_train,
+                train_return=np.mean(returns) if returns else float("nan"),
+                eval_return=eval_return, epsilon=epsilon, **means)
+            returns, metrics, eval_return = [], [], float("nan")
+    envs.close()
+    eval_envs.close()
+    plot_learning_curve(run_dir, f"{args.exp_name} on {args.env_id}")
+    if args.save_model:
+        save_params(state.params, os.path.join(run_dir, "params.npz"))
+    print(f"done: {step:,d} steps; results in {run_dir}")
+    return run_dir
+
+
+def passed(step, every, stride):
+    """Whether the last `stride` steps, up to `step`, passed a multiple of `every`."""
+    return step // every > (step - stride) // every
+
+
 def pick_scan(choice):
     # On a CPU the lax.scan (n ops in n steps) beats the associative scan (about 2n ops in
-    # 2 log n passes of strided slices) at every tape length we measured; on a GPU/TPU the
-    # O(log n) depth of the associative scan wins at large B.
+    # 2 log n passes of strided slices); on a GPU/TPU the O(log n) depth wins at large B.
     if choice != "auto":
         return choice
     return "sequential" if jax.default_backend() == "cpu" else "associative"
-# ==== end shared: training loop ====
 
 
-# ==== shared: environments ====
-# ---------------------------------------------------------------------------------------------
-# Environments. POPGym envs get popgym's wrapper stack so that every discrete-action env
-# gives a flat one-hot observation (with an is-first-step flag, and the previous action where
-# the env needs it) and one Discrete action; a TimeLimit at the episode cap makes that cap a
-# guarantee (the host stages each episode in arrays of that length).
-# ---------------------------------------------------------------------------------------------
+# =============================================================================================
+# Plumbing. Command line: every hyperparameter is a flag, checked where it is declared; a bad
+# value or env stops the run with one line on stderr (exit code 2, as argparse does).
+# =============================================================================================
+def fail(message, code=2):
+    """Stop with one line on stderr: code 2 for bad input, 1 for a run that failed."""
+    print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, without argparse's usage block
+        fail(message)
+
+
+def checked(cast, ok, must):
+    """An argparse type: `cast` the text, then require `ok(value)`."""
+    def parse(text):
+        value = cast(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {must}, got {text}")
+        return value
+    parse.__name__ = cast.__name__  # argparse names it in "invalid int value: 'x'"
+    return parse
+
+
+POSITIVE_INT = checked(int, lambda v: v > 0, "positive")
+POSITIVE_FLOAT = checked(float, lambda v: v > 0, "positive")
+NON_NEGATIVE_INT = checked(int, lambda v: v >= 0, ">= 0")
+UNIT = checked(float, lambda v: 0 <= v <= 1, "in [0, 1]")
+OPEN_UNIT = checked(float, lambda v: 0 < v <= 1, "in (0, 1]")
+
+
+def make_parser():
+    p = Parser(description=__doc__.split("\n")[0],
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = p.add_argument
+    add("--exp-name", default=os.path.basename(__file__)[:-3], help="part of the run folder name")
+    add("--env-id", default="RepeatFirstEasy", help="a POPGym class name (RepeatFirstEasy) or "
+        "a gymnasium id (popgym-RepeatFirstEasy-v0); any discrete-action env")
+    add("--seed", type=int, default=1, help="seed of the network, the envs and sampling")
+    add("--total-timesteps", type=POSITIVE_INT, default=300_000, help="environment steps to "
+        "collect, summed over all envs (rounded up to a multiple of --num-envs)")
+    add("--num-envs", type=POSITIVE_INT, default=32,
+        help="parallel environments stepped with one batched act call")
+    add("--max-episode-steps", type=NON_NEGATIVE_INT, default=0,
+        help="episode cap; 0 takes the env's own (needed for envs without one)")
+    add("--buffer-size", type=POSITIVE_INT, default=100_000,
+        help="tape capacity in transitions (the oldest whole episodes are evicted)")
+    add("--batch-size", type=POSITIVE_INT, default=1000,
+        help="transitions per training tape B (whole episodes, only the last cut)")
+    add("--learning-rate", type=POSITIVE_FLOAT, default=1e-3, help="AdamW learning rate")
+    add("--lr-warmup-updates", type=NON_NEGATIVE_INT, default=200,
+        help="updates over which the learning rate ramps linearly from 0")
+    add("--max-grad-norm", type=POSITIVE_FLOAT, default=1.0, help="global gradient-norm clip")
+    add("--gamma", type=UNIT, default=0.99, help="discount factor")
+    add("--tau", type=OPEN_UNIT, default=0.005,
+        help="Polyak rate of the target network, applied after every update")
+    add("--start-e", type=UNIT, default=0.2, help="starting epsilon of exploration")
+    add("--end-e", type=UNIT, default=0.01, help="final epsilon of exploration")
+    add("--exploration-fraction", type=OPEN_UNIT, default=0.5, help="fraction of the steps "
+        "after --learning-starts over which epsilon anneals linearly")
+    add("--learning-starts", type=NON_NEGATIVE_INT, default=100_000,
+        help="env steps of uniformly random actions before training starts")
+    add("--train-frequency", type=POSITIVE_INT, default=256,
+        help="env steps between two train phases")
+    add("--updates-per-train", type=POSITIVE_INT, default=4,
+        help="gradient updates in one train phase (one jitted call)")
+    add("--scan", choices=("auto", "associative", "sequential"), default="auto",
+        help="how to scan a tape: associative (O(log n) depth, for GPU/TPU) or sequential "
+             "(lax.scan, for a CPU); auto picks by backend")
+    add("--eval-every", type=POSITIVE_INT, default=10_000, help="env steps between evaluations")
+    add("--eval-episodes", type=POSITIVE_INT, default=32,
+        help="greedy episodes per evaluation (their plain mean is logged)")
+    add("--log-every", type=POSITIVE_INT, default=10_000, help="env steps between log lines")
+    add("--output-dir", default="runs", help="parent folder of the run folder")
+    add("--save-model", action="store_true", help="write params.npz into the run folder")
+    add("--load-model", default=None, help="a params.npz written by --save-model to start from")
+    add_model_flags(p)
+    return p
+
+
+def parse_args(argv=None):
+    args = make_parser().parse_args(argv)
+    check_model_flags(args)
+    if args.load_model is not None and not os.path.isfile(args.load_model):
+        fail(f"--load-model: no such file {args.load_model!r}")
+    return args
+
+
+# Environments. POPGym envs get popgym's wrappers so that every discrete-action env gives a
+# flat one-hot observation (with an is-first-step flag, and the previous action where the env
+# needs it) and one Discrete action; a TimeLimit at the cap makes the cap a guarantee.
 def resolve_env(env_id, max_episode_steps=0):
-    """-> (make_env, cap): a function building one wrapped env, and the longest episode."""
+    """-> (make_env, cap): a function that builds one wrapped env, and the longest episode."""
     import gymnasium as gym
     import popgym  # noqa: F401  (registers the popgym-*-v0 ids)
     from popgym import envs as popgym_envs
@@ -568,24 +629,23 @@ def resolve_env(env_id, max_episode_steps=0):
     elif env_id in gym.registry:
         make_raw = lambda: gym.make(env_id)  # noqa: E731
     else:
-        names = sorted(n for n, c in vars(popgym_envs).items()
-                       if isinstance(c, type) and issubclass(c, POPGymEnv) and c is not POPGymEnv)
-        close = difflib.get_close_matches(env_id, names, n=3) or [
-            "RepeatFirstEasy", "RepeatPreviousEasy", "CountRecallEasy", "PositionOnlyCartPoleEasy"]
-        raise UsageError(f"unknown env id {env_id!r}; try {', '.join(close)} "
-                         "(any POPGym class name or registered gymnasium id)")
-
+        names = [n for n, c in vars(popgym_envs).items()
+                 if isinstance(c, type) and issubclass(c, POPGymEnv) and c is not POPGymEnv]
+        close = difflib.get_close_matches(env_id, names, n=3) or ["RepeatFirstEasy",
+                                                                  "CountRecallEasy"]
+        fail(f"unknown env id {env_id!r}; try {', '.join(close)} "
+             "(any POPGym class name or registered gymnasium id)")
     probe = make_raw()
     is_popgym = isinstance(probe.unwrapped, POPGymEnv)
-    if not isinstance(probe.action_space, (gym.spaces.Discrete, gym.spaces.MultiDiscrete)) or (
-            not is_popgym and not isinstance(probe.action_space, gym.spaces.Discrete)):
-        raise UsageError(f"{env_id} has action space {probe.action_space}; "
-                         "DQN needs a discrete action space")
+    space = probe.action_space
+    if not (isinstance(space, gym.spaces.Discrete)
+            or is_popgym and isinstance(space, gym.spaces.MultiDiscrete)):
+        fail(f"{env_id} has action space {space}; DQN needs a discrete action space")
     cap = (max_episode_steps or getattr(probe.unwrapped, "max_episode_length", None)
            or getattr(probe.unwrapped, "episode_length", None)
            or (probe.spec.max_episode_steps if probe.spec else None))
     if not cap:
-        raise UsageError(f"{env_id} states no episode cap; pass --max-episode-steps")
+        fail(f"{env_id} states no episode cap; pass --max-episode-steps")
 
     def make_env():
         env = make_raw()
@@ -618,29 +678,6 @@ def true_next_obs(next_obs, done, info):
     return real
 
 
-class Staging:
-    """Host-side episodes in progress, one row per env, in the tape's field order."""
-
-    def __init__(self, num_envs, cap, obs_dim):
-        e = num_envs
-        self.columns = (np.zeros((e, cap, obs_dim), np.float32), np.zeros((e, cap), np.int32),
-                        np.zeros((e, cap), np.float32), np.zeros((e, cap, obs_dim), np.float32),
-                        np.zeros((e, cap), bool), np.zeros((e, cap), bool))
-        self.length = np.zeros(e, np.int32)
-        self.rows = np.arange(e)
-
-    def record(self, *transition):
-        for column, value in zip(self.columns, transition):
-            column[self.rows, self.length] = value
-        self.length += 1
-
-    def pop(self, i):
-        """Env i's finished episode (padded to the cap) and its length; its row restarts."""
-        episode, length = tuple(c[i] for c in self.columns), self.length[i]
-        self.length[i] = 0
-        return episode, length
-
-
 def evaluate(params, eval_envs, num_episodes):
     """Plain mean return of one greedy episode in each of the eval envs."""
     obs, _ = eval_envs.reset()
@@ -656,10 +693,66 @@ def evaluate(params, eval_envs, num_episodes):
         start = terminated | truncated
         running &= ~start
     return float(returns.mean())
-# ==== end shared: environments ====
 
 
-# ==== shared: outputs ====
+# Outputs: runs/<env>__<exp-name>__<seed>__<time>/ with args.json, metrics.csv (one row per
+# --log-every steps), learning_curve.png and, with --save-model, params.npz.
+COLUMNS = ("global_step", "episodes", "updates", "train_return", "eval_return", "td_loss",
+           "q_values", "density", "epsilon", "sps", "elapsed_s")
+
+
+def start_run(args, **extra):
+    """Make the run folder and args.json; -> (folder, log) where log(**row) writes one
+    metrics.csv row and prints one progress line."""
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join(args.output_dir, run_name)
+    try:
+        os.makedirs(run_dir)
+    except OSError as e:
+        fail(f"--output-dir {args.output_dir}: cannot make the run folder there ({e.strerror})")
+    with open(os.path.join(run_dir, "args.json"), "w") as f:
+        json.dump(vars(args) | extra, f, indent=2)
+    print(f"{run_name}: {args.env_id}, {', '.join(f'{k} {v}' for k, v in extra.items())}, "
+          f"backend {jax.default_backend()}, run folder {run_dir}")
+    file = open(os.path.join(run_dir, "metrics.csv"), "w", newline="")
+    writer = csv.DictWriter(file, COLUMNS)
+    writer.writeheader()
+    t0 = time.time()
+
+    def log(**row):
+        elapsed = time.time() - t0
+        step = row["global_step"]
+        writer.writerow(row | {"sps": step / elapsed, "elapsed_s": elapsed})
+        file.flush()
+        print(f"step {step:>9,d} | SPS {step / elapsed:6.0f} | train return "
+              f"{row['train_return']:+.3f} | eval return {row['eval_return']:+.3f} | loss "
+              f"{row['td_loss']:.2e} | eps {row['epsilon']:.3f} | {clock(elapsed)} elapsed, "
+              f"ETA {clock(elapsed * (args.total_timesteps - step) / step)}", flush=True)
+
+    return run_dir, log
+
+
+def clock(seconds):
+    m, s = divmod(int(seconds), 60)
+    return f"{m}m{s:02d}s"
+
+
+def plot_learning_curve(run_dir, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(os.path.join(run_dir, "metrics.csv")) as f:
+        rows = [r for r in csv.DictReader(f) if r["eval_return"] != "nan"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([int(r["global_step"]) for r in rows], [float(r["eval_return"]) for r in rows], "o-")
+    ax.set(xlabel="environment steps", ylabel="mean greedy eval return", title=title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(run_dir, "learning_curve.png"), dpi=120)
+    plt.close(fig)
+
+
 def save_params(params, path):
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     np.savez(path, **{jax.tree_util.keystr(k, simple=True, separator="/"): np.asarray(v)
@@ -668,181 +761,21 @@ def save_params(params, path):
 
 def load_params(template, path):
     """Params from a --save-model file, checked leaf by leaf against the model flags."""
-    stored = np.load(path)
+    try:
+        stored = dict(np.load(path))
+    except Exception:  # noqa: BLE001  (numpy raises several kinds for a file that is no .npz)
+        fail(f"--load-model {path}: not a params.npz written by --save-model")
     flat, treedef = jax.tree_util.tree_flatten_with_path(template)
     leaves = []
     for k, leaf in flat:
         name = jax.tree_util.keystr(k, simple=True, separator="/")
         if name not in stored or stored[name].shape != leaf.shape:
-            raise UsageError(f"--load-model {path}: parameter {name} is missing or shaped "
-                             "differently; use the model flags it was trained with")
+            fail(f"--load-model {path}: parameter {name} is missing or shaped differently; "
+                 "use the model flags it was trained with")
         leaves.append(jnp.asarray(stored[name]))
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
-class Progress:
-    """One metrics.csv row and one progress line every --log-every steps."""
-
-    COLUMNS = ("global_step", "episodes", "updates", "train_return", "eval_return", "td_loss",
-               "q_values", "epsilon", "sps", "elapsed_s")
-
-    def __init__(self, run_dir, total_timesteps):
-        self.file = open(os.path.join(run_dir, "metrics.csv"), "w", newline="")
-        self.writer = csv.DictWriter(self.file, self.COLUMNS)
-        self.writer.writeheader()
-        self.total = total_timesteps
-        self.t0 = time.time()
-
-    def log(self, **row):
-        elapsed = time.time() - self.t0
-        step = row["global_step"]
-        row.update(sps=step / elapsed, elapsed_s=elapsed)  # sps: average since the start
-        self.writer.writerow(row)
-        self.file.flush()
-        print(f"step {step:>9,d} | SPS {row['sps']:6.0f} | train return "
-              f"{row['train_return']:+.3f} | eval return {row['eval_return']:+.3f} | loss "
-              f"{row['td_loss']:.2e} | eps {row['epsilon']:.3f} | {clock(elapsed)} elapsed, "
-              f"ETA {clock(elapsed * (self.total - step) / step)}", flush=True)
-
-    def close(self):
-        self.file.close()
-
-
-def plot_learning_curve(csv_path, png_path, title):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    with open(csv_path) as f:
-        rows = [r for r in csv.DictReader(f) if r["eval_return"] != "nan"]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([int(r["global_step"]) for r in rows], [float(r["eval_return"]) for r in rows], "o-")
-    ax.set(xlabel="environment steps", ylabel="mean greedy eval return", title=title)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=120)
-    plt.close(fig)
-
-
-def clock(seconds):
-    m, s = divmod(int(seconds), 60)
-    return f"{m}m{s:02d}s"
-# ==== end shared: outputs ====
-
-
-# ==== shared: main ====
-class Diverged(Exception):
-    """The loss became non-finite: reported as one line on stderr, exit code 1."""
-
-    exit_code = 1
-
-
-def train(args):
-    """The algorithm box: collect with the recurrent policy, store whole episodes on the
-    tape, and every --train-frequency steps run one jitted train phase on sampled tapes."""
-    make_env, cap = resolve_env(args.env_id, args.max_episode_steps)
-    for flag, value in (("--buffer-size", args.buffer_size), ("--batch-size", args.batch_size)):
-        if value < cap:
-            raise UsageError(f"{flag} {value} is smaller than the longest episode of "
-                             f"{args.env_id} ({cap} steps)")
-    envs = make_vector_env(make_env, args.num_envs)
-    eval_envs = make_vector_env(make_env, args.eval_episodes)
-    obs_dim = int(np.prod(envs.single_observation_space.shape))
-    scan = pick_scan(args.scan)
-
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join(args.output_dir, run_name)
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "args.json"), "w") as f:
-        json.dump(vars(args) | {"scan_used": scan, "episode_cap": cap}, f, indent=2)
-
-    key = jax.random.PRNGKey(args.seed)
-    key, init_key, act_key = jax.random.split(key, 3)
-    # Set-up is jitted: one compile instead of dozens of small eager ones.
-    num_actions = int(envs.single_action_space.n)
-    params = jax.jit(lambda k: init_params(k, obs_dim, num_actions, args))(init_key)
-    if args.load_model:
-        params = load_params(params, args.load_model)
-    optimizer = make_optimizer(args)
-    target = jax.jit(partial(jax.tree.map, jnp.copy))(params)  # own buffers: both are donated
-    state = TrainState(params, target, jax.jit(optimizer.init)(params))
-    train_phase = make_train_phase(optimizer, args, scan)
-    tape = init_tape(args.buffer_size, obs_dim)
-    staging = Staging(args.num_envs, cap, obs_dim)
-
-    obs, _ = envs.reset(seed=args.seed)
-    eval_envs.reset(seed=args.seed + 1_000_000)  # separately seeded; later resets continue it
-    carry = initial_carry(params, args.num_envs)
-    start = np.ones(args.num_envs, bool)
-    ep_return = np.zeros(args.num_envs)
-    returns, phase_metrics = [], []
-    step = episodes = updates = 0
-    eval_return = float("nan")
-    next_train, next_eval, next_log = args.learning_starts, args.eval_every, args.log_every
-    print(f"{run_name}: {args.env_id} (episodes <= {cap} steps), {scan} scan, "
-          f"backend {jax.default_backend()}, run folder {run_dir}")
-    progress = Progress(run_dir, args.total_timesteps)
-    while step < args.total_timesteps:
-        epsilon = epsilon_at(step, args)
-        actions, carry = act(state.params, carry, obs, start, epsilon, act_key, step)
-        actions = np.asarray(actions)
-        next_obs, reward, terminated, truncated, info = envs.step(actions)
-        done = terminated | truncated
-        staging.record(obs, actions, reward, true_next_obs(next_obs, done, info),
-                       terminated, truncated)
-        ep_return += reward
-        for i in np.flatnonzero(done):
-            tape = add_episode(tape, *staging.pop(i))
-            returns.append(ep_return[i])
-            ep_return[i] = 0.0
-            episodes += 1
-        obs, start = next_obs, done
-        step += args.num_envs
-
-        while step >= next_train and episodes > 0:
-            key, k = jax.random.split(key)
-            state, metrics = train_phase(state, tape, k)
-            phase_metrics.append(metrics)
-            updates += args.updates_per_train
-            next_train += args.train_frequency
-        finished = step >= args.total_timesteps
-        if step >= next_eval or finished:
-            eval_return = evaluate(state.params, eval_envs, args.eval_episodes)
-            next_eval += args.eval_every
-        if step >= next_log or finished:
-            # Metrics stay on the device until here: one sync per log line, not per phase.
-            phase = {name: float(np.mean([m[name] for m in phase_metrics]))
-                     if phase_metrics else float("nan") for name in ("td_loss", "q_values")}
-            if phase_metrics and not np.isfinite(phase["td_loss"]):
-                raise Diverged(f"the TD loss became non-finite by step {step}; "
-                               "try a lower --learning-rate or --max-grad-norm")
-            progress.log(global_step=step, episodes=episodes, updates=updates,
-                         train_return=np.mean(returns) if returns else float("nan"),
-                         eval_return=eval_return, epsilon=epsilon, **phase)
-            returns, phase_metrics, eval_return = [], [], float("nan")
-            next_log += args.log_every
-    progress.close()
-    envs.close()
-    eval_envs.close()
-    plot_learning_curve(os.path.join(run_dir, "metrics.csv"),
-                        os.path.join(run_dir, "learning_curve.png"),
-                        f"{args.exp_name} on {args.env_id}")
-    if args.save_model:
-        save_params(state.params, os.path.join(run_dir, "params.npz"))
-    print(f"done: {step:,d} steps in {clock(time.time() - progress.t0)}; results in {run_dir}")
-    return run_dir
-
-
-def run(argv=None):
-    """Command-line entry: flag and env errors are one line on stderr, never a traceback."""
-    prog = os.path.basename(__file__)
-    try:
-        return train(parse_args(argv))
-    except (UsageError, Diverged) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
-# ==== end shared: main ====
-
-
 if __name__ == "__main__":
-    run()
+    train(parse_args())
+# ==== end shared: tape, loss, training, plumbing ====
