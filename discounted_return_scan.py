@@ -151,7 +151,8 @@ def parse_args(argv=None):
              "1..max (default 10,100,1000)")
     add("--episode-counts", type=_counts, default=[10, 100, 1000, 10000],
         help="comma-separated numbers of episodes per tape (default 10,100,1000,10000)")
-    add("--block-size", type=_count, default=64, help="block length for the blocked scan (default 64)")
+    add("--block-size", type=_integer(2), default=64,
+        help="block length for the blocked scan, at least 2 (default 64)")
     add("--budget", type=_budget, default=10.0,
         help="skip a method on a case when its estimated time for warm-up plus repeats exceeds "
              "this many seconds (default 10)")
@@ -181,12 +182,16 @@ def reset_return_op(a, b, reverse=False):
 def discounted_return(rewards, episode_end, gamma, bootstrap=None, scan=jax.lax.associative_scan):
     """Return-to-go G_t = r_t + gamma * (1 - e_t) * G_{t+1}, as a reverse scan of the resettable monoid.
 
-    rewards: float (T,); episode_end: bool (T,), True at the last step of each episode (the tape's
-    last step counts as one); bootstrap: optional float (T,), the value after step t, giving
-    G_t = r_t + gamma * bootstrap_t at episode ends (pass 0 where terminated); scan: any function
-    with the signature of jax.lax.associative_scan, e.g. blocked_scan or sequential_scan.
+    rewards: (T,), cast to float32 unless floating; episode_end: bool (T,), True at the last step
+    of each episode (the tape's last step counts as one); bootstrap: optional float (T,), the value
+    after step t, giving G_t = r_t + gamma * bootstrap_t at episode ends (pass 0 where terminated);
+    scan: any function with the signature of jax.lax.associative_scan, e.g. blocked_scan or
+    sequential_scan.
     """
     rewards = jnp.asarray(rewards)
+    if not jnp.issubdtype(rewards.dtype, jnp.floating):
+        # full_like below would round gamma to the integer dtype (0.5 -> 0).
+        rewards = rewards.astype(jnp.float32)
     ends = jnp.asarray(episode_end, bool).at[-1].set(True)
     if bootstrap is not None:
         # G_t = r_t + gamma * V at an end is just a larger last reward.
@@ -203,6 +208,9 @@ def discounted_prefix_sum(rewards, episode_end, gamma, scan=jax.lax.associative_
     Same arguments as discounted_return.
     """
     rewards = jnp.asarray(rewards)
+    if not jnp.issubdtype(rewards.dtype, jnp.floating):
+        # full_like below would round gamma to the integer dtype (0.5 -> 0).
+        rewards = rewards.astype(jnp.float32)
     ends = jnp.asarray(episode_end, bool)
     starts = jnp.concatenate([jnp.ones(1, bool), ends[:-1]])
     steps = (jnp.full_like(rewards, gamma), rewards)
@@ -237,6 +245,9 @@ def blocked_scan(fn, elems, reverse=False, block_size=64):
     used, so the result is the same monoid product as any other scan, in about B * log_B(T)
     sequential steps instead of T, and with a much cheaper compile than associative_scan.
     """
+    if block_size < 2:
+        # Blocks of one step never shorten the tape, so the recursion would not end.
+        raise ValueError(f"block_size must be >= 2, got {block_size}")
     if reverse:
         # A reverse scan is a forward scan of the flipped tape with the same fn.
         flip = partial(jax.tree.map, lambda e: e[::-1])

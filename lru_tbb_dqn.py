@@ -45,7 +45,6 @@ import optax
 # The op has no parameters: lambda enters through the input map, which gives every step the
 # element (lambda, gamma B u_t). Associativity lets jax.lax.associative_scan compute all prefix
 # states in O(log n) depth.
-# =============================================================================================
 def monoid_op(a, b):
     """(A_a, h_a) • (A_b, h_b) = (A_b A_a, A_b h_a + h_b): the older span a, then the newer b."""
     decay_a, h_a = a
@@ -100,7 +99,6 @@ def resettable_scan(elements, start, scan="associative"):
 # (2) The Q network (paper Sec. 5), its parameters a plain pytree of arrays:
 #     observation -> Linear -> LayerNorm -> leaky ReLU -> memory -> dueling head.
 # The embedding and the head are the same for every memory; the memory's maps follow them.
-# =============================================================================================
 def init_linear(key, n_in, n_out):
     bound = 1.0 / np.sqrt(n_in)
     return {"w": jax.random.uniform(key, (n_in, n_out), minval=-bound, maxval=bound),
@@ -111,23 +109,15 @@ def linear(p, x):
     return x @ p["w"] + p["b"]
 
 
-def layer_norm(x, eps=1e-5):
-    mean = x.mean(-1, keepdims=True)
-    return (x - mean) * jax.lax.rsqrt(x.var(-1, keepdims=True) + eps)
-
-
-def init_norm(n):
-    return {"scale": jnp.ones(n), "bias": jnp.zeros(n)}
-
-
-def norm(p, x):
-    """LayerNorm with a learned scale and bias."""
-    return layer_norm(x) * p["scale"] + p["bias"]
+def layer_norm(x, p=None, eps=1e-5):
+    """LayerNorm over the last axis; with a learned scale and bias if `p` is given."""
+    x = (x - x.mean(-1, keepdims=True)) * jax.lax.rsqrt(x.var(-1, keepdims=True) + eps)
+    return x if p is None else x * p["scale"] + p["bias"]
 
 
 def embed(params, obs):
     """Observation o_t -> embedding x_t, the memory's input."""
-    return jax.nn.leaky_relu(norm(params["embed_ln"], linear(params["embed"], obs)))
+    return jax.nn.leaky_relu(layer_norm(linear(params["embed"], obs), params["embed_ln"]))
 
 
 def q_head(params, y):
@@ -180,7 +170,7 @@ def init_lru_block(key, width, n, args):
     u_radius, u_phase = jax.random.uniform(k[0], (2, n), minval=1e-6)
     radius_sq = args.r_min**2 + u_radius * (args.r_max**2 - args.r_min**2)
     return {
-        "norm": init_norm(width),
+        "norm": {"scale": jnp.ones(width), "bias": jnp.zeros(width)},
         "nu_log": jnp.log(-0.5 * jnp.log(radius_sq)),
         "theta_log": jnp.log(args.max_phase * u_phase),
         # gamma = sqrt(1 - |lambda|^2) keeps the state as large as the input whatever the
@@ -198,7 +188,7 @@ def init_params(key, obs_dim, num_actions, args):
     k = jax.random.split(key, 4 + args.num_layers)
     return {
         "embed": init_linear(k[0], obs_dim, width),
-        "embed_ln": init_norm(width),
+        "embed_ln": {"scale": jnp.ones(width), "bias": jnp.zeros(width)},
         "lru": [init_lru_block(kb, width, args.state_size, args) for kb in k[4:]],
         "head": {"hidden": init_linear(k[1], width, width), "value": init_linear(k[2], width, 1),
                  "advantage": init_linear(k[3], width, num_actions)},
@@ -235,7 +225,7 @@ def q_tape(params, obs, next_obs, start, scan):
     """
     x, x_next = embed(params, obs), embed(params, next_obs)
     for p in params["lru"]:
-        u, u_next = norm(p["norm"], x), norm(p["norm"], x_next)
+        u, u_next = layer_norm(x, p["norm"]), layer_norm(x_next, p["norm"])
         states = resettable_scan(input_map(p, u), start, scan)
         states_next = monoid_op(states, input_map(p, u_next))
         x, x_next = output_map(p, states, x, u), output_map(p, states_next, x_next, u_next)
@@ -253,7 +243,7 @@ def q_step(params, carry, obs, start):
     x = embed(params, obs)
     new_carry = []
     for p, state in zip(params["lru"], carry):
-        u = norm(p["norm"], x)
+        u = layer_norm(x, p["norm"])
         state, _ = reset_op((state, start), (input_map(p, u), start))
         x = output_map(p, state, x, u)
         new_carry.append(state)
@@ -266,7 +256,6 @@ def q_step(params, carry, obs, start):
 # stored whole and contiguously (modulo the ring), oldest first; adding one evicts the oldest
 # *whole* episodes until it fits, so no stored episode is ever partly overwritten. Each step
 # remembers where its episode starts and how long it is: all that sampling and eviction need.
-# =============================================================================================
 class Transition(NamedTuple):
     """One step; the tape holds each field as a column with a leading [N] axis."""
     obs: jax.Array  # [obs_dim] float32
@@ -339,7 +328,6 @@ def sample_tape(tape, key, batch_size):
 
 # =============================================================================================
 # (4) The loss: double DQN with a Polyak-averaged target network, Huber loss over the tape.
-# =============================================================================================
 def td_targets(q_next_online, q_next_target, reward, terminated, gamma):
     """y_t = r_t + gamma (1 - terminated_t) Q_target(o_..t+1, argmax_a Q_online(o_..t+1, a)).
 
@@ -366,7 +354,6 @@ def td_loss(params, target_params, batch, gamma, scan):
 # =============================================================================================
 # (5) Training. A train phase -- sample a tape, TD loss, AdamW step, Polyak target update,
 # repeated --updates-per-train times -- is ONE jitted call; the loop around it collects.
-# =============================================================================================
 class TrainState(NamedTuple):
     params: dict
     target_params: dict
@@ -430,9 +417,11 @@ def train(args):
                  f"episode of {args.env_id} ({cap} steps)")
     envs = make_vector_env(make_env, args.num_envs)
     eval_envs = make_vector_env(make_env, args.eval_episodes)
-    obs_dim = int(np.prod(envs.single_observation_space.shape))
-    num_actions = int(envs.single_action_space.n)
-    scan = pick_scan(args.scan)
+    obs_dim, num_actions = envs.single_observation_space.shape[0], envs.single_action_space.n
+    # On a CPU the lax.scan (n ops in n steps) beats the associative scan (about 2n ops in
+    # 2 log n passes); on a GPU/TPU the O(log n) depth wins at large B.
+    scan = {"auto": "sequential" if jax.default_backend() == "cpu" else "associative"}.get(
+        args.scan, args.scan)
     run_dir, log = start_run(args, scan_used=scan, episode_cap=cap)
 
     key, init_key, act_key = jax.random.split(jax.random.PRNGKey(args.seed), 3)
@@ -486,10 +475,12 @@ def train(args):
             state, phase_metrics = train_phase(state, tape, phase_key)
             metrics.append(phase_metrics)
             phases += 1
+        # Evaluate and log when these num_envs steps passed a multiple of --eval-every or
+        # --log-every, and at the end.
         finished = step >= args.total_timesteps
-        if passed(step, args.eval_every, args.num_envs) or finished:
+        if step % args.eval_every < args.num_envs or finished:
             eval_return = evaluate(state.params, eval_envs, args.eval_episodes)
-        if passed(step, args.log_every, args.num_envs) or finished:
+        if step % args.log_every < args.num_envs or finished:
             # Metrics stay on the device until here: one sync per log line, not per phase.
             means = {name: float(np.mean([m[name] for m in metrics])) if metrics
                      else float("nan") for name in ("td_loss", "q_values", "density")}
@@ -509,23 +500,9 @@ def train(args):
     return run_dir
 
 
-def passed(step, every, stride):
-    """Whether the last `stride` steps, up to `step`, passed a multiple of `every`."""
-    return step // every > (step - stride) // every
-
-
-def pick_scan(choice):
-    # On a CPU the lax.scan (n ops in n steps) beats the associative scan (about 2n ops in
-    # 2 log n passes of strided slices); on a GPU/TPU the O(log n) depth wins at large B.
-    if choice != "auto":
-        return choice
-    return "sequential" if jax.default_backend() == "cpu" else "associative"
-
-
 # =============================================================================================
-# Plumbing. Command line: every hyperparameter is a flag, checked where it is declared; a bad
-# value or env stops the run with one line on stderr (exit code 2, as argparse does).
-# =============================================================================================
+# Plumbing. Command line: every hyperparameter is a flag, range-checked where it is declared;
+# bad input stops the run with one line on stderr and exit code 2, as argparse does.
 def fail(message, code=2):
     """Stop with one line on stderr: code 2 for bad input, 1 for a run that failed."""
     print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
@@ -540,8 +517,7 @@ class Parser(argparse.ArgumentParser):
 def checked(cast, ok, must):
     """An argparse type: `cast` the text, then require `ok(value)`."""
     def parse(text):
-        value = cast(text)
-        if not ok(value):
+        if not ok(value := cast(text)):
             raise argparse.ArgumentTypeError(f"must be {must}, got {text}")
         return value
     parse.__name__ = cast.__name__  # argparse names it in "invalid int value: 'x'"
@@ -549,8 +525,8 @@ def checked(cast, ok, must):
 
 
 POSITIVE_INT = checked(int, lambda v: v > 0, "positive")
-POSITIVE_FLOAT = checked(float, lambda v: v > 0, "positive")
 NON_NEGATIVE_INT = checked(int, lambda v: v >= 0, ">= 0")
+POSITIVE_FLOAT = checked(float, lambda v: v > 0, "positive")
 UNIT = checked(float, lambda v: 0 <= v <= 1, "in [0, 1]")
 OPEN_UNIT = checked(float, lambda v: 0 < v <= 1, "in (0, 1]")
 
@@ -560,39 +536,32 @@ def make_parser():
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = p.add_argument
     add("--exp-name", default=os.path.basename(__file__)[:-3], help="part of the run folder name")
-    add("--env-id", default="RepeatFirstEasy", help="a POPGym class name (RepeatFirstEasy) or "
-        "a gymnasium id (popgym-RepeatFirstEasy-v0); any discrete-action env")
+    add("--env-id", default="RepeatFirstEasy", help="a POPGym class name or gymnasium id "
+        "(popgym-RepeatFirstEasy-v0); any discrete-action env")
     add("--seed", type=int, default=1, help="seed of the network, the envs and sampling")
-    add("--total-timesteps", type=POSITIVE_INT, default=300_000, help="environment steps to "
-        "collect, summed over all envs (rounded up to a multiple of --num-envs)")
-    add("--num-envs", type=POSITIVE_INT, default=32,
-        help="parallel environments stepped with one batched act call")
+    add("--total-timesteps", type=POSITIVE_INT, default=300_000, help="env steps over all "
+        "envs, rounded up to a multiple of --num-envs")
+    add("--num-envs", type=POSITIVE_INT, default=32, help="envs stepped by one batched act call")
     add("--max-episode-steps", type=NON_NEGATIVE_INT, default=0,
         help="episode cap; 0 takes the env's own (needed for envs without one)")
-    add("--buffer-size", type=POSITIVE_INT, default=100_000,
-        help="tape capacity in transitions (the oldest whole episodes are evicted)")
-    add("--batch-size", type=POSITIVE_INT, default=1000,
-        help="transitions per training tape B (whole episodes, only the last cut)")
+    add("--buffer-size", type=POSITIVE_INT, default=100_000, help="tape capacity in transitions")
+    add("--batch-size", type=POSITIVE_INT, default=1000, help="transitions per training tape B")
     add("--learning-rate", type=POSITIVE_FLOAT, default=1e-3, help="AdamW learning rate")
     add("--lr-warmup-updates", type=NON_NEGATIVE_INT, default=200,
-        help="updates over which the learning rate ramps linearly from 0")
+        help="updates over which the learning rate ramps up linearly from 0")
     add("--max-grad-norm", type=POSITIVE_FLOAT, default=1.0, help="global gradient-norm clip")
     add("--gamma", type=UNIT, default=0.99, help="discount factor")
-    add("--tau", type=OPEN_UNIT, default=0.005,
-        help="Polyak rate of the target network, applied after every update")
-    add("--start-e", type=UNIT, default=0.2, help="starting epsilon of exploration")
-    add("--end-e", type=UNIT, default=0.01, help="final epsilon of exploration")
-    add("--exploration-fraction", type=OPEN_UNIT, default=0.5, help="fraction of the steps "
-        "after --learning-starts over which epsilon anneals linearly")
+    add("--tau", type=OPEN_UNIT, default=0.005, help="Polyak rate of the target, every update")
+    add("--start-e", type=UNIT, default=0.2, help="epsilon when learning starts")
+    add("--end-e", type=UNIT, default=0.01, help="final epsilon")
+    add("--exploration-fraction", type=OPEN_UNIT, default=0.5,
+        help="share of the steps after --learning-starts over which epsilon anneals")
     add("--learning-starts", type=NON_NEGATIVE_INT, default=100_000,
         help="env steps of uniformly random actions before training starts")
-    add("--train-frequency", type=POSITIVE_INT, default=256,
-        help="env steps between two train phases")
-    add("--updates-per-train", type=POSITIVE_INT, default=4,
-        help="gradient updates in one train phase (one jitted call)")
+    add("--train-frequency", type=POSITIVE_INT, default=256, help="env steps per train phase")
+    add("--updates-per-train", type=POSITIVE_INT, default=4, help="updates per train phase")
     add("--scan", choices=("auto", "associative", "sequential"), default="auto",
-        help="how to scan a tape: associative (O(log n) depth, for GPU/TPU) or sequential "
-             "(lax.scan, for a CPU); auto picks by backend")
+        help="how to scan a tape; auto: sequential on a CPU, associative on a GPU/TPU")
     add("--eval-every", type=POSITIVE_INT, default=10_000, help="env steps between evaluations")
     add("--eval-episodes", type=POSITIVE_INT, default=32,
         help="greedy episodes per evaluation (their plain mean is logged)")
@@ -612,7 +581,7 @@ def parse_args(argv=None):
     return args
 
 
-# Environments. POPGym envs get popgym's wrappers so that every discrete-action env gives a
+# Environments. POPGym envs get popgym's wrappers, so that every discrete-action env gives a
 # flat one-hot observation (with an is-first-step flag, and the previous action where the env
 # needs it) and one Discrete action; a TimeLimit at the cap makes the cap a guarantee.
 def resolve_env(env_id, max_episode_steps=0):
@@ -629,10 +598,7 @@ def resolve_env(env_id, max_episode_steps=0):
     elif env_id in gym.registry:
         make_raw = lambda: gym.make(env_id)  # noqa: E731
     else:
-        names = [n for n, c in vars(popgym_envs).items()
-                 if isinstance(c, type) and issubclass(c, POPGymEnv) and c is not POPGymEnv]
-        close = difflib.get_close_matches(env_id, names, n=3) or ["RepeatFirstEasy",
-                                                                  "CountRecallEasy"]
+        close = difflib.get_close_matches(env_id, dir(popgym_envs), n=3) or ["RepeatFirstEasy"]
         fail(f"unknown env id {env_id!r}; try {', '.join(close)} "
              "(any POPGym class name or registered gymnasium id)")
     probe = make_raw()
@@ -681,13 +647,10 @@ def true_next_obs(next_obs, done, info):
 def evaluate(params, eval_envs, num_episodes):
     """Plain mean return of one greedy episode in each of the eval envs."""
     obs, _ = eval_envs.reset()
-    carry = initial_carry(params, num_episodes)
-    start = np.ones(num_episodes, bool)
-    returns = np.zeros(num_episodes)
-    running = np.ones(num_episodes, bool)
-    key = jax.random.PRNGKey(0)  # unused at epsilon 0
-    while running.any():
-        actions, carry = act(params, carry, obs, start, 0.0, key, 0)
+    carry, start = initial_carry(params, num_episodes), np.ones(num_episodes, bool)
+    returns, running = np.zeros(num_episodes), np.ones(num_episodes, bool)
+    while running.any():  # the key is unused at epsilon 0
+        actions, carry = act(params, carry, obs, start, 0.0, jax.random.PRNGKey(0), 0)
         obs, reward, terminated, truncated, _ = eval_envs.step(np.asarray(actions))
         returns += reward * running
         start = terminated | truncated
@@ -695,15 +658,15 @@ def evaluate(params, eval_envs, num_episodes):
     return float(returns.mean())
 
 
-# Outputs: runs/<env>__<exp-name>__<seed>__<time>/ with args.json, metrics.csv (one row per
-# --log-every steps), learning_curve.png and, with --save-model, params.npz.
+# Outputs: <output-dir>/<env>__<exp-name>__<seed>__<time>/ holds args.json, metrics.csv (a row
+# per --log-every steps), learning_curve.png and, with --save-model, params.npz.
 COLUMNS = ("global_step", "episodes", "updates", "train_return", "eval_return", "td_loss",
            "q_values", "density", "epsilon", "sps", "elapsed_s")
 
 
 def start_run(args, **extra):
-    """Make the run folder and args.json; -> (folder, log) where log(**row) writes one
-    metrics.csv row and prints one progress line."""
+    """Make the run folder and args.json. -> (folder, log): log(**row) writes a metrics.csv
+    row and prints a progress line."""
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join(args.output_dir, run_name)
     try:
@@ -715,13 +678,12 @@ def start_run(args, **extra):
     print(f"{run_name}: {args.env_id}, {', '.join(f'{k} {v}' for k, v in extra.items())}, "
           f"backend {jax.default_backend()}, run folder {run_dir}")
     file = open(os.path.join(run_dir, "metrics.csv"), "w", newline="")
-    writer = csv.DictWriter(file, COLUMNS)
+    writer, t0 = csv.DictWriter(file, COLUMNS), time.time()
     writer.writeheader()
-    t0 = time.time()
+    clock = lambda s: f"{int(s) // 60}m{int(s) % 60:02d}s"  # noqa: E731
 
     def log(**row):
-        elapsed = time.time() - t0
-        step = row["global_step"]
+        elapsed, step = time.time() - t0, row["global_step"]
         writer.writerow(row | {"sps": step / elapsed, "elapsed_s": elapsed})
         file.flush()
         print(f"step {step:>9,d} | SPS {step / elapsed:6.0f} | train return "
@@ -730,11 +692,6 @@ def start_run(args, **extra):
               f"ETA {clock(elapsed * (args.total_timesteps - step) / step)}", flush=True)
 
     return run_dir, log
-
-
-def clock(seconds):
-    m, s = divmod(int(seconds), 60)
-    return f"{m}m{s:02d}s"
 
 
 def plot_learning_curve(run_dir, title):
@@ -765,15 +722,15 @@ def load_params(template, path):
         stored = dict(np.load(path))
     except Exception:  # noqa: BLE001  (numpy raises several kinds for a file that is no .npz)
         fail(f"--load-model {path}: not a params.npz written by --save-model")
-    flat, treedef = jax.tree_util.tree_flatten_with_path(template)
-    leaves = []
-    for k, leaf in flat:
-        name = jax.tree_util.keystr(k, simple=True, separator="/")
+
+    def load(key, leaf):
+        name = jax.tree_util.keystr(key, simple=True, separator="/")
         if name not in stored or stored[name].shape != leaf.shape:
             fail(f"--load-model {path}: parameter {name} is missing or shaped differently; "
                  "use the model flags it was trained with")
-        leaves.append(jnp.asarray(stored[name]))
-    return jax.tree_util.tree_unflatten(treedef, leaves)
+        return jnp.asarray(stored[name])
+
+    return jax.tree_util.tree_map_with_path(load, template)
 
 
 if __name__ == "__main__":

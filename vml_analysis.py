@@ -22,7 +22,6 @@ Run:   python vml_analysis.py                      # trains both (about 6 minute
 import argparse
 import csv
 import os
-import sys
 from functools import partial
 
 import jax
@@ -34,38 +33,33 @@ import sbb_baseline_dqn as sbb
 
 
 def parse_args(argv=None):
-    p = tbb.ArgumentParser(description=__doc__.split("\n")[0],
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--k", type=int, default=10, help="RepeatPrevious: repeat the suit k steps ago")
-    p.add_argument("--num-decks", type=int, default=2, help="RepeatPrevious: decks (episode length)")
-    p.add_argument("--gamma", type=float, default=0.5, help="discount of both training runs")
-    p.add_argument("--segment-length", type=int, default=10, help="SBB segment length L")
-    p.add_argument("--total-timesteps", type=int, default=300_000,
+    P, U = tbb.POSITIVE_INT, tbb.UNIT  # range-checked argparse types
+    p = tbb.Parser(description=__doc__.split("\n")[0],
+                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--k", type=P, default=10, help="RepeatPrevious: repeat the suit k steps ago")
+    p.add_argument("--num-decks", type=P, default=2, help="RepeatPrevious: decks (episode length)")
+    p.add_argument("--gamma", type=U, default=0.5, help="discount of both training runs")
+    p.add_argument("--segment-length", type=P, default=10, help="SBB segment length L")
+    p.add_argument("--total-timesteps", type=P, default=300_000,
                    help="training budget of each run, in env steps")
     p.add_argument("--seed", type=int, default=1, help="seed of both runs and the analysis episodes")
-    p.add_argument("--episodes", type=int, default=16, help="greedy episodes analysed per network")
-    p.add_argument("--final-steps", type=int, default=8,
+    p.add_argument("--episodes", type=P, default=16, help="greedy episodes analysed per network")
+    p.add_argument("--final-steps", type=P, default=8,
                    help="last steps t of each episode whose Q is differentiated")
-    p.add_argument("--threshold", type=float, default=0.95,
+    p.add_argument("--threshold", type=tbb.OPEN_UNIT, default=0.95,
                    help="share of cumulative sensitivity that defines the VML")
-    p.add_argument("--hidden-size", type=int, default=256, help="FFM network width (both runs)")
-    p.add_argument("--trace-size", type=int, default=64, help="FFM trace size m (both runs)")
-    p.add_argument("--context-size", type=int, default=4, help="FFM context size c (both runs)")
+    p.add_argument("--hidden-size", type=P, default=256, help="FFM network width (both runs)")
+    p.add_argument("--trace-size", type=P, default=64, help="FFM trace size m (both runs)")
+    p.add_argument("--context-size", type=P, default=4, help="FFM context size c (both runs)")
     p.add_argument("--load-tbb", default=None, help="params.npz of a TBB run (skips its training)")
     p.add_argument("--load-sbb", default=None, help="params.npz of an SBB run (skips its training)")
     p.add_argument("--output-dir", default=".", help="folder for vml.csv, vml.png and the runs")
     args = p.parse_args(argv)
-    for name in ("k", "num_decks", "segment_length", "total_timesteps", "episodes", "final_steps",
-                 "hidden_size", "trace_size", "context_size"):
-        if getattr(args, name) <= 0:
-            raise tbb.UsageError(f"--{name.replace('_', '-')} must be positive")
-    if not 0 <= args.gamma <= 1 or not 0 < args.threshold <= 1:
-        raise tbb.UsageError("--gamma must be in [0, 1] and --threshold in (0, 1]")
     if args.k >= 52 * args.num_decks:
-        raise tbb.UsageError("--k must be smaller than the number of cards (52 per deck)")
-    for path in (args.load_tbb, args.load_sbb):
+        tbb.fail("--k must be smaller than the number of cards (52 per deck)")
+    for flag, path in (("--load-tbb", args.load_tbb), ("--load-sbb", args.load_sbb)):
         if path is not None and not os.path.isfile(path):
-            raise tbb.UsageError(f"no such file {path!r}")
+            tbb.fail(f"{flag}: no such file {path!r}")
     return args
 
 
@@ -211,8 +205,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except (tbb.UsageError, tbb.Diverged) as e:
-        print(f"{os.path.basename(__file__)}: error: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
+    main(parse_args())

@@ -42,19 +42,23 @@ def median_ms(fn, repeats):
 
 
 def filled_tape(mod, capacity, obs_dim, episode_length, seed=0):
-    """A tape holding random episodes of one length (RepeatFirstEasy's 51 by default)."""
+    """A full buffer of random episodes of one length (RepeatFirstEasy's 51): a TBB tape, or
+    the segment ring of an SBB script (capacity in slots), through the script's own functions."""
     rng = np.random.default_rng(seed)
     tape = mod.init_tape(capacity, obs_dim)
     for _ in range(capacity // episode_length):
         obs = rng.normal(size=(episode_length, obs_dim)).astype(np.float32)
-        episode = (obs, rng.integers(0, 4, episode_length), rng.normal(size=episode_length),
-                   np.roll(obs, -1, 0), np.arange(episode_length) == episode_length - 1,
-                   np.zeros(episode_length, bool))
+        episode = mod.Transition(obs, rng.integers(0, 4, episode_length, dtype=np.int32),
+                                 rng.normal(size=episode_length).astype(np.float32),
+                                 np.roll(obs, -1, 0), np.arange(episode_length) == episode_length - 1,
+                                 np.zeros(episode_length, bool))
         tape = mod.add_episode(tape, episode, np.int32(episode_length))
     return tape
 
 
-def update_timings(mod, batch_sizes, scans, repeats, obs_dim=10, num_actions=4):
+def update_timings(mod, batch_sizes, scans, repeats, obs_dim=10, num_actions=4, episode_length=51):
+    """One update of a script (TBB, or SBB from sbb.segment_script) at each --batch-size B.
+    Returns rows (B, scan, ms/update, compile s, measured density)."""
     rows = []
     for batch_size in batch_sizes:
         for scan in scans:
@@ -63,35 +67,22 @@ def update_timings(mod, batch_sizes, scans, repeats, obs_dim=10, num_actions=4):
             optimizer = mod.make_optimizer(args)
             state = mod.TrainState(params, jax.tree.map(jnp.copy, params), optimizer.init(params))
             train_phase = mod.make_train_phase(optimizer, args, scan)
-            tape = filled_tape(mod, max(4 * batch_size, 20_000), obs_dim, 51)
-            key = jax.random.PRNGKey(1)
+            tape = filled_tape(mod, max(4 * batch_size, 20_000), obs_dim, episode_length)
             t = time.perf_counter()
-            state, metrics = train_phase(state, tape, key)
+            state, metrics = train_phase(state, tape, jax.random.PRNGKey(1))
             jax.block_until_ready(metrics)
             compile_s = time.perf_counter() - t
+            keys, densities = iter(jax.random.split(jax.random.PRNGKey(2), repeats)), []
 
             def one():
                 nonlocal state
-                state, m = train_phase(state, tape, key)
+                state, m = train_phase(state, tape, next(keys))
+                densities.append(m["density"])
                 return m
 
-            rows.append((batch_size, scan, median_ms(one, repeats), compile_s))
+            ms = median_ms(one, repeats)
+            rows.append((batch_size, scan, ms, compile_s, float(np.mean(densities))))
     return rows
-
-
-
-def filled_segments(sbb, capacity, segment_length, obs_dim, episode_length, seed=0):
-    """An SBB buffer of `capacity` segments, full of random episodes of one length."""
-    rng = np.random.default_rng(seed)
-    buffer = sbb.init_segments(capacity, segment_length, obs_dim)
-    per_episode = -(-episode_length // segment_length)
-    for _ in range(-(-capacity // per_episode)):
-        obs = rng.normal(size=(episode_length, obs_dim)).astype(np.float32)
-        episode = (obs, rng.integers(0, 4, episode_length), rng.normal(size=episode_length),
-                   np.roll(obs, -1, 0), np.arange(episode_length) == episode_length - 1,
-                   np.zeros(episode_length, bool))
-        buffer = sbb.add_episode(buffer, episode, np.int32(episode_length))
-    return buffer
 
 
 def sbb_update_timings(memory, batch_sizes, segment_lengths, scans, repeats, obs_dim=10,
@@ -100,37 +91,14 @@ def sbb_update_timings(memory, batch_sizes, segment_lengths, scans, repeats, obs
     B // L segments of L steps, on a buffer of `episode_length`-step episodes (RepeatFirstEasy's
     51). Returns rows (B, L, scan, ms/update, compile s, measured density, expected density)."""
     sbb = importlib.import_module("sbb_baseline_dqn")
+    scripts = {L: sbb.segment_script(memory, L) for L in segment_lengths}
     rows = []
     for batch_size in batch_sizes:
-        for segment_length in segment_lengths:
-            for scan in scans:
-                args = sbb.parse_args(["--memory", memory, "--batch-size", str(batch_size),
-                                       "--segment-length", str(segment_length),
-                                       "--updates-per-train", "1"])
-                params = sbb.init_params(jax.random.PRNGKey(0), obs_dim, num_actions, args)
-                optimizer = sbb.make_optimizer(args)
-                state = sbb.TrainState(params, jax.tree.map(jnp.copy, params), optimizer.init(params))
-                train_phase = sbb.make_train_phase(optimizer, args, scan)
-                buffer = filled_segments(sbb, max(4 * batch_size, 20_000) // segment_length,
-                                         segment_length, obs_dim, episode_length)
-                key = jax.random.PRNGKey(1)
-                t = time.perf_counter()
-                state, metrics = train_phase(state, buffer, key)
-                jax.block_until_ready(metrics)
-                compile_s = time.perf_counter() - t
-                densities = []
-
-                def one():
-                    nonlocal state, key
-                    key, k = jax.random.split(key)
-                    state, m = train_phase(state, buffer, k)
-                    densities.append(m["density"])
-                    return m
-
-                ms = median_ms(one, repeats)
-                expected = episode_length / (segment_length * -(-episode_length // segment_length))
-                rows.append((batch_size, segment_length, scan, ms, compile_s,
-                             float(np.mean(densities)), expected))
+        for L, mod in scripts.items():
+            expected = episode_length / (L * -(-episode_length // L))
+            for _, scan, ms, compile_s, density in update_timings(
+                    mod, [batch_size], scans, repeats, obs_dim, num_actions, episode_length):
+                rows.append((batch_size, L, scan, ms, compile_s, density, expected))
     return rows
 
 
@@ -144,7 +112,7 @@ def print_sbb_update_timings(models, batch_sizes, segment_lengths, scans, repeat
         tbb_ms = {}
         if with_tbb:
             mod = importlib.import_module(MODELS[model])
-            tbb_ms = {(b, s): ms for b, s, ms, _ in update_timings(mod, batch_sizes, scans, repeats)}
+            tbb_ms = {(b, s): ms for b, s, ms, _, _ in update_timings(mod, batch_sizes, scans, repeats)}
         for b, L, scan, ms, compile_s, density, expected in sbb_update_timings(
                 model, batch_sizes, segment_lengths, scans, repeats):
             tbb = tbb_ms.get((b, scan), float("nan"))
@@ -214,7 +182,7 @@ def main():
     print(f"{'model':<20}{'B':>7}{'scan':>13}{'ms/update':>11}{'compile s':>11}")
     for model, script in present.items():
         mod = importlib.import_module(script)
-        for batch_size, scan, ms, compile_s in update_timings(
+        for batch_size, scan, ms, compile_s, _ in update_timings(
                 mod, args.batch_sizes, ("associative", "sequential"), args.repeats):
             print(f"{model:<20}{batch_size:>7}{scan:>13}{ms:>11.1f}{compile_s:>11.1f}")
 
