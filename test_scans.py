@@ -640,10 +640,14 @@ def segment_batch(lengths, L, seed=0):
     return jax.tree.map(lambda *x: jnp.concatenate(x), *parts)
 
 
-def masked_loss_and_grads(model, params, target, batch):
+@lru_cache(maxsize=None)
+def masked_loss_grad_jit(model):  # one compile per model
     loss = partial(sbb.masked_td_loss, NETWORKS[model][0].q_tape)
-    return jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=(3, 4))(
-        params, target, batch, 0.9, "sequential")
+    return jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=(3, 4))
+
+
+def masked_loss_and_grads(model, params, target, batch):
+    return masked_loss_grad_jit(model)(params, target, batch, 0.9, "sequential")
 
 
 def test_padded_steps_cannot_change_loss_or_gradients():
@@ -688,7 +692,7 @@ def test_masked_loss_equals_tbb_loss_on_the_unpadded_steps():
 # =============================================================================================
 # Scripts end to end: smoke runs, determinism, checkpoints, shared text, one-line errors
 # =============================================================================================
-TINY = ["--total-timesteps", "3000", "--learning-starts", "1000", "--num-envs", "4",
+TINY = ["--total-timesteps", "2000", "--learning-starts", "1000", "--num-envs", "4",
         "--batch-size", "128", "--buffer-size", "2000", "--train-frequency", "200",
         "--updates-per-train", "2", "--eval-every", "1000", "--eval-episodes", "4",
         "--log-every", "1000", "--hidden-size", "32"]
@@ -716,7 +720,7 @@ def check_run(out, files=("args.json", "metrics.csv", "learning_curve.png")):
     for f in files:
         assert os.path.isfile(os.path.join(run_dir, f)), f
     rows = read_metrics(run_dir)
-    assert len(rows) == 3 and int(rows[-1]["global_step"]) == 3000
+    assert len(rows) == 2 and int(rows[-1]["global_step"]) == 2000
     for r in rows:
         assert all(np.isfinite(float(r[k])) for k in ("td_loss", "eval_return", "q_values"))
         assert 0.0 < float(r["density"]) <= 1.0
@@ -724,15 +728,15 @@ def check_run(out, files=("args.json", "metrics.csv", "learning_curve.png")):
 
 
 def test_smoke_runs_are_finite_and_deterministic(tmp_path):
-    """A tiny run of every script (SBB at L = 10, 20, 50), two at a time to share the wait;
-    FFM twice, to check seeding (the loop is one text in every script)."""
+    """A tiny run of every script (SBB at L = 10, 20, 50), all started together to share the
+    wait; FFM twice, to check seeding (the loop is one text in every script)."""
     jobs = [(f"tbb_{m}", TBB_SCRIPTS[m], [*TINY_MODEL[m], "--save-model"]) for m in TINY_MODEL]
     jobs.append(("tbb_ffm_again", "ffm_tbb_dqn.py", [*TINY_MODEL["ffm"], "--save-model"]))
     jobs += [(f"sbb_{m}", "sbb_baseline_dqn.py", [*TINY_MODEL[m], "--memory", m,
                                                   "--segment-length", str(L)])
              for m, L in (("ffm", 10), ("lru", 20), ("linear_transformer", 50))]
     metrics = {}
-    for pair in (jobs[i:i + 2] for i in range(0, len(jobs), 2)):
+    for pair in [jobs]:
         procs = [(name, subprocess.Popen([sys.executable, os.path.join(HERE, script), *TINY,
                                           *flags, "--output-dir", str(tmp_path / name)],
                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
