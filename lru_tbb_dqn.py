@@ -422,13 +422,13 @@ def train(args):
     # 2 log n passes); on a GPU/TPU the O(log n) depth wins at large B.
     scan = {"auto": "sequential" if jax.default_backend() == "cpu" else "associative"}.get(
         args.scan, args.scan)
-    run_dir, log = start_run(args, scan_used=scan, episode_cap=cap)
 
     key, init_key, act_key = jax.random.split(jax.random.PRNGKey(args.seed), 3)
     # Jitted set-up: one compile instead of dozens of small eager ones.
     params = jax.jit(lambda k: init_params(k, obs_dim, num_actions, args))(init_key)
     if args.load_model:
         params = load_params(params, args.load_model)
+    run_dir, log = start_run(args, scan_used=scan, episode_cap=cap)  # inputs all checked
     optimizer = make_optimizer(args)
     target = jax.jit(partial(jax.tree.map, jnp.copy))(params)  # own buffers: both are donated
     state = TrainState(params, target, jax.jit(optimizer.init)(params))
