@@ -437,7 +437,7 @@ def train(args):
     # Each env's episode so far, on the host, in rows padded to the cap (one compile of
     # add_episode), until it ends and goes onto the tape whole.
     running = zero_transitions((args.num_envs, cap), obs_dim, np.zeros)
-    length = np.zeros(args.num_envs, np.int32)
+    length, rows = np.zeros(args.num_envs, np.int32), np.arange(args.num_envs)
 
     obs, _ = envs.reset(seed=args.seed)
     eval_envs.reset(seed=args.seed + 1_000_000)  # seeded apart; later resets continue it
@@ -457,7 +457,7 @@ def train(args):
         transition = (obs, actions, reward, true_next_obs(next_obs, done, info), terminated,
                       truncated)
         for column, value in zip(running, transition):
-            column[np.arange(args.num_envs), length] = value
+            column[rows, length] = value
         length += 1
         ep_return += reward
         # Store: every finished episode goes onto the tape whole.
