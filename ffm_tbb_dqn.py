@@ -383,7 +383,8 @@ def epsilon_at(step, args):
 def train(args):
     """The algorithm box: act in all envs with the recurrent policy, put every finished
     episode on the tape whole, and every --train-frequency steps run one train phase."""
-    make_env, cap = resolve_env(args.env_id, args.max_episode_steps)
+    make_env, cap = resolve_env(args.env_id, args.max_episode_steps, args.env_kwargs,
+                                args.prev_action)
     for flag in ("buffer_size", "batch_size"):
         if getattr(args, flag) < cap:
             fail(f"--{flag.replace('_', '-')} {getattr(args, flag)} is smaller than the longest "
@@ -502,6 +503,8 @@ NON_NEGATIVE_INT = checked(int, lambda v: v >= 0, ">= 0")
 POSITIVE_FLOAT = checked(float, lambda v: v > 0, "positive")
 UNIT = checked(float, lambda v: 0 <= v <= 1, "in [0, 1]")
 OPEN_UNIT = checked(float, lambda v: 0 < v <= 1, "in (0, 1]")
+JSON_OBJECT = checked(json.loads, lambda v: isinstance(v, dict), "a JSON object")
+JSON_OBJECT.__name__ = "JSON"
 
 
 def make_parser():
@@ -511,6 +514,10 @@ def make_parser():
     add("--exp-name", default=os.path.basename(__file__)[:-3], help="part of the run folder name")
     add("--env-id", default="RepeatFirstEasy", help="a POPGym class name or gymnasium id "
         "(popgym-RepeatFirstEasy-v0); any discrete-action env")
+    add("--env-kwargs", type=JSON_OBJECT, default={}, help="the env constructor's keyword "
+        """arguments as JSON, e.g. '{"num_decks": 2, "k": 10}'""")
+    add("--prev-action", choices=("auto", "on", "off"), default="auto", help="popgym's "
+        "PreviousAction wrapper (the last action in the observation); auto: where popgym says")
     add("--seed", type=int, default=1, help="seed of the network, the envs and sampling")
     add("--total-timesteps", type=POSITIVE_INT, default=300_000, help="env steps over all "
         "envs, rounded up to a multiple of --num-envs")
@@ -557,7 +564,7 @@ def parse_args(argv=None):
 # Environments. POPGym envs get popgym's wrappers, so that every discrete-action env gives a
 # flat one-hot observation (with an is-first-step flag, and the previous action where the env
 # needs it) and one Discrete action; a TimeLimit at the cap makes the cap a guarantee.
-def resolve_env(env_id, max_episode_steps=0):
+def resolve_env(env_id, max_episode_steps=0, env_kwargs=None, prev_action="auto"):
     """-> (make_env, cap): a function that builds one wrapped env, and the longest episode."""
     import gymnasium as gym
     import popgym  # noqa: F401  (registers the popgym-*-v0 ids)
@@ -567,14 +574,17 @@ def resolve_env(env_id, max_episode_steps=0):
 
     cls = getattr(popgym_envs, env_id, None)
     if isinstance(cls, type) and issubclass(cls, POPGymEnv):
-        make_raw = cls
+        make_raw = partial(cls, **env_kwargs or {})
     elif env_id in gym.registry:
-        make_raw = lambda: gym.make(env_id)  # noqa: E731
+        make_raw = partial(gym.make, env_id, **env_kwargs or {})
     else:
         close = difflib.get_close_matches(env_id, dir(popgym_envs), n=3) or ["RepeatFirstEasy"]
         fail(f"unknown env id {env_id!r}; try {', '.join(close)} "
              "(any POPGym class name or registered gymnasium id)")
-    probe = make_raw()
+    try:
+        probe = make_raw()
+    except Exception as e:  # noqa: BLE001  (a constructor may raise anything for bad arguments)
+        fail(f"{env_id} does not take --env-kwargs {json.dumps(env_kwargs)}: {e}")
     is_popgym = isinstance(probe.unwrapped, POPGymEnv)
     space = probe.action_space
     if not (isinstance(space, gym.spaces.Discrete)
@@ -590,7 +600,8 @@ def resolve_env(env_id, max_episode_steps=0):
         env = make_raw()
         if is_popgym:
             env = env.unwrapped  # popgym's wrappers take the raw env
-            if env.obs_requires_prev_action:  # popgym's advice; it slows stepping, so only here
+            # popgym's advice: only where the env needs it (it slows stepping), unless told
+            if {"auto": env.obs_requires_prev_action, "on": True, "off": False}[prev_action]:
                 env = PreviousAction(env)
             env = DiscreteAction(Flatten(Antialias(env)))
         else:
@@ -640,7 +651,8 @@ COLUMNS = ("global_step", "episodes", "updates", "train_return", "eval_return", 
 def start_run(args, **extra):
     """Make the run folder and args.json. -> (folder, log): log(**row) writes a metrics.csv
     row and prints a progress line."""
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    env = args.env_id + "".join(f"-{k}{v}" for k, v in args.env_kwargs.items())
+    run_name = f"{env}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join(args.output_dir, run_name)
     try:
         os.makedirs(run_dir)

@@ -178,7 +178,8 @@ def parse_args(argv=None):
 def train(args):
     L = args.segment_length
     tbb = segment_script(args.memory, L)
-    _, cap = tbb.resolve_env(args.env_id, args.max_episode_steps)
+    _, cap = tbb.resolve_env(args.env_id, args.max_episode_steps, args.env_kwargs,
+                             args.prev_action)
     capacity, needed = args.buffer_size // L, -(-cap // L)
     if capacity < needed:
         tbb.fail(f"--buffer-size {args.buffer_size} holds {capacity} segments of {L} steps; "

@@ -816,6 +816,9 @@ BAD_INPUT = [  # (flags, a part of the message, exit code)
     (["--gamma", "1.5"], "--gamma: must be in [0, 1]", 2),
     (["--tau", "0"], "--tau: must be in (0, 1]", 2),
     (["--min-period", "8", "--max-period", "4"], "--min-period must not exceed", 2),
+    (["--env-kwargs", '{"nope": 1}'], "RepeatFirstEasy does not take --env-kwargs", 2),
+    (["--env-kwargs", "[1]"], "--env-kwargs: must be a JSON object", 2),
+    (["--env-kwargs", "{x"], "--env-kwargs: invalid JSON value", 2),
     (["--load-model", "missing.npz"], "no such file", 2),
     (["--load-model", not_an_npz], "not a params.npz written by --save-model", 2),
     (["--output-dir", a_file, *TINY], "--output-dir", 2),
@@ -850,6 +853,28 @@ def test_bad_model_flags_are_one_line(script, flags, capsys):
     with pytest.raises(SystemExit) as exit_info:
         script.parse_args(flags)
     assert exit_info.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def wrappers(env):
+    names = []
+    while hasattr(env, "env"):
+        names.append(type(env).__name__)
+        env = env.env
+    return names
+
+
+@pytest.mark.parametrize("env_id,needs_it", [("RepeatFirstEasy", False), ("MineSweeperEasy", True)])
+def test_previous_action_wrapper_is_there_iff_requested(env_id, needs_it):
+    for prev_action, expect in (("auto", needs_it), ("on", True), ("off", False)):
+        make_env, _ = ffm.resolve_env(env_id, prev_action=prev_action)
+        assert ("PreviousAction" in wrappers(make_env())) == expect, prev_action
+
+
+def test_env_kwargs_reach_the_env():
+    make_env, cap = ffm.resolve_env("RepeatPreviousEasy", env_kwargs={"num_decks": 2, "k": 10})
+    env = make_env().unwrapped
+    assert env.k == 10 and cap == env.max_episode_length == 103  # 2 decks of 52 cards, minus 1
+    assert ffm.resolve_env("RepeatPreviousEasy")[1] == 51  # popgym's default: 1 deck, k = 4
 
 
 def test_help_says_the_budget_is_whole_vector_steps():
