@@ -7,12 +7,15 @@ writes a table of final and area-under-curve returns.
 
     python benchmarks/reproduce.py --jobs 2      # the default grid: 108 runs, ~1 h 40 min on 2 cores
     python benchmarks/reproduce.py --plot-only   # redraw from the runs made so far
+    python benchmarks/reproduce.py --recipe paper --tasks CountRecallEasy --models ffm
+                                                 # the paper's own settings, task by task
 
 A run whose metrics.csv already reaches --total-timesteps is skipped, so the grid resumes.
 """
 
 import argparse
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -26,35 +29,92 @@ TBB_SCRIPTS = {"ffm": "ffm_tbb_dqn.py", "lru": "lru_tbb_dqn.py",
 # The paper's settings that differ by task (its RepeatPrevious runs use gamma 0.5 and
 # epsilon 0.2 -> 0.1; everything else gamma 0.99 and the scripts' defaults).
 TASK_FLAGS = {"RepeatPreviousEasy": ["--gamma", "0.5", "--end-e", "0.1"]}
-COLOURS = {"tbb": "tab:blue", "sbb10": "tab:orange", "sbb50": "tab:red"}
+COLOURS = {"tbb": "tab:blue", "sbb10": "tab:orange", "sbb20": "tab:olive", "sbb50": "tab:red",
+           "sbb100": "tab:purple"}
+
+# --recipe paper: the settings of the paper's experiment configs (experiments/<task>/*.yaml of
+# proroklab/memory-monoids) as flags of our scripts. Every task here has fixed-length episodes
+# of T steps, so its budget in episodes becomes steps: E random-action episodes (E * T steps of
+# --learning-starts), then E training episodes with one B = 1000 update after each
+# (--train-frequency T, one update per phase), epsilon 0.2 -> final linearly over the training
+# episodes, an evaluation of 20 greedy episodes every 10 episodes.
+# task label -> (env id, --env-kwargs, T, E, gamma, final epsilon, --prev-action)
+PAPER_TASKS = {
+    "RepeatFirstEasy": ("RepeatFirstEasy", {}, 51, 5000, 0.99, 0.01, "auto"),
+    "RepeatPrevious2x10": ("RepeatPreviousEasy", {"num_decks": 2, "k": 10}, 103, 5000, 0.5, 0.1,
+                           "auto"),
+    "CountRecallEasy": ("CountRecallEasy", {}, 51, 10000, 0.99, 0.01, "on"),
+}
+PAPER_FLAGS = ["--learning-rate", "1e-4", "--lr-warmup-updates", "200", "--max-grad-norm",
+               "0.01", "--tau", "0.005", "--start-e", "0.2", "--exploration-fraction", "1.0",
+               "--updates-per-train", "1", "--batch-size", "1000", "--eval-episodes", "20"]
+# The paper's Fig. 3, end of training, read by eye (10 seeds, best-so-far curves).
+# (task, model) -> {batching: value}; "sbb" stands for every segment length not listed.
+PAPER_FIG3 = {
+    ("CountRecallEasy", "ffm"): {"tbb": "~+0.6", "sbb": "~-0.65"},
+    ("CountRecallEasy", "lru"): {"tbb": "~+0.3", "sbb": "~-0.8"},
+    ("CountRecallEasy", "linear_transformer"): {"tbb": "~-0.5", "sbb": "~-0.85"},
+    ("RepeatFirstEasy", "ffm"): {"tbb": "~1.0", "sbb10": "~0.9", "sbb": "~1.0"},
+    ("RepeatFirstEasy", "lru"): {"tbb": "~1.0", "sbb": "<= ~0.6"},
+    ("RepeatFirstEasy", "linear_transformer"): {"tbb": "~1.0", "sbb": "~-0.25"},
+    ("RepeatPrevious2x10", "ffm"): {"tbb": "~0.0", "sbb": "~-0.35 to -0.45"},
+    ("RepeatPrevious2x10", "lru"): {"tbb": "~1.0", "sbb10": "below 1", "sbb": "~1.0"},
+    ("RepeatPrevious2x10", "linear_transformer"): {"tbb": "~-0.42", "sbb": "~-0.49"},
+}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--tasks", nargs="+", default=["RepeatFirstEasy", "RepeatPreviousEasy",
-                                                  "CountRecallEasy", "PositionOnlyCartPoleEasy"],
-                   help="POPGym env ids, one column of panels each")
+    p.add_argument("--recipe", choices=("short", "paper"), default="short",
+                   help="short: our 300k-step study; paper: the paper's settings per task "
+                        "(then --tasks are keys of PAPER_TASKS, and the defaults below change)")
+    p.add_argument("--tasks", nargs="+", default=None,
+                   help="POPGym env ids (paper: PAPER_TASKS keys), one column of panels each; "
+                        "None: all four Easy tasks (paper: all of PAPER_TASKS)")
     p.add_argument("--models", nargs="+", default=list(TBB_SCRIPTS), choices=list(TBB_SCRIPTS),
                    help="memoroids, one row of panels each")
-    p.add_argument("--batchings", nargs="+", default=["tbb", "sbb10", "sbb50"],
-                   help="tbb, or sbbL for segments of L steps")
+    p.add_argument("--batchings", nargs="+", default=None,
+                   help="tbb, or sbbL for segments of L steps; None: tbb sbb10 sbb50 "
+                        "(paper: tbb sbb10 sbb50 sbb100)")
     p.add_argument("--seeds", type=int, default=3, help="seeds 1..N of every configuration")
     p.add_argument("--total-timesteps", type=int, default=300_000, help="env steps of every run")
     p.add_argument("--extra", default="", help="more flags for every run, e.g. '--num-envs 16'")
     p.add_argument("--jobs", type=int, default=1, help="runs at once")
-    p.add_argument("--grid-dir", default=os.path.join("runs", "reproduce"),
-                   help="where the runs go (not committed)")
-    p.add_argument("--figure", default=os.path.join("figures", "tbb_vs_sbb.png"),
-                   help="learning curves with 95%% bootstrap bands")
-    p.add_argument("--table", default=os.path.join("figures", "tbb_vs_sbb.md"),
-                   help="markdown table of final and area-under-curve returns")
+    p.add_argument("--grid-dir", default=None,
+                   help="where the runs go (not committed); None: runs/reproduce[_paper]")
+    p.add_argument("--figure", default=None, help="learning curves with 95%% bootstrap bands; "
+                   "None: figures/tbb_vs_sbb[_paper].png")
+    p.add_argument("--table", default=None, help="markdown table of final and area-under-curve "
+                   "returns; None: figures/tbb_vs_sbb[_paper].md")
     p.add_argument("--plot-only", action="store_true", help="do not run, only plot and tabulate")
     args = p.parse_args(argv)
+    paper = args.recipe == "paper"
+    suffix = "_paper" if paper else ""
+    args.tasks = args.tasks or (list(PAPER_TASKS) if paper else [
+        "RepeatFirstEasy", "RepeatPreviousEasy", "CountRecallEasy", "PositionOnlyCartPoleEasy"])
+    args.batchings = args.batchings or ["tbb", "sbb10", "sbb50"] + ["sbb100"] * paper
+    args.grid_dir = args.grid_dir or os.path.join("runs", "reproduce" + suffix)
+    args.figure = args.figure or os.path.join("figures", f"tbb_vs_sbb{suffix}.png")
+    args.table = args.table or os.path.join("figures", f"tbb_vs_sbb{suffix}.md")
+    if paper and not set(args.tasks) <= set(PAPER_TASKS):
+        p.error(f"--recipe paper knows the tasks {', '.join(PAPER_TASKS)}")
     for b in args.batchings:
         if b != "tbb" and not (b.startswith("sbb") and b[3:].isdigit() and int(b[3:]) > 0):
             p.error(f"unknown batching {b!r}: use tbb or sbbL, e.g. sbb10")
     return args
+
+
+def task_flags(task, args):
+    """-> (the flags of `task` under the recipe, its budget in env steps)."""
+    if args.recipe == "short":
+        return TASK_FLAGS.get(task, []), args.total_timesteps
+    env_id, kwargs, T, episodes, gamma, end_e, prev_action = PAPER_TASKS[task]
+    flags = ["--env-kwargs", json.dumps(kwargs), "--prev-action", prev_action,
+             "--learning-starts", str(episodes * T), "--train-frequency", str(T),
+             "--eval-every", str(10 * T), "--log-every", str(10 * T), "--gamma", str(gamma),
+             "--end-e", str(end_e), *PAPER_FLAGS]
+    return flags, 2 * episodes * T
 
 
 def command(task, model, batching, seed, args):
@@ -65,10 +125,11 @@ def command(task, model, batching, seed, args):
         script, batching_flags = "sbb_baseline_dqn.py", ["--memory", model,
                                                          "--segment-length", batching[3:]]
     out = os.path.join(args.grid_dir, task, model, batching, f"seed{seed}")
-    return out, [sys.executable, os.path.join(ROOT, script), "--env-id", task, "--seed", str(seed),
-                 "--total-timesteps", str(args.total_timesteps), "--exp-name", batching,
-                 "--output-dir", out, *TASK_FLAGS.get(task, []), *batching_flags,
-                 *args.extra.split()]
+    flags, total = task_flags(task, args)
+    env_id = PAPER_TASKS[task][0] if args.recipe == "paper" else task
+    return out, [sys.executable, os.path.join(ROOT, script), "--env-id", env_id, "--seed",
+                 str(seed), "--total-timesteps", str(total), "--exp-name", batching,
+                 "--output-dir", out, *flags, *batching_flags, *args.extra.split()]
 
 
 def read_curve(out):
@@ -105,7 +166,7 @@ def run_grid(args):
             for batching in args.batchings:
                 for seed in range(1, args.seeds + 1):
                     out, cmd = command(task, model, batching, seed, args)
-                    if not complete(out, args.total_timesteps):
+                    if not complete(out, task_flags(task, args)[1]):
                         todo.append((out, cmd))
     print(f"{len(todo)} runs to do", flush=True)
 
@@ -123,7 +184,8 @@ def run_grid(args):
 def finished_curves(task, model, batching, args):
     curves = [read_curve(command(task, model, batching, s, args)[0])
               for s in range(1, args.seeds + 1)]
-    return [c for c in curves if c is not None and c["global_step"][-1] >= args.total_timesteps]
+    total = task_flags(task, args)[1]
+    return [c for c in curves if c is not None and c["global_step"][-1] >= total]
 
 
 def summarise(args):
