@@ -1277,3 +1277,29 @@ def test_reproduce_rejects_an_unknown_batching(capsys):
     with pytest.raises(SystemExit) as e:
         load_reproduce().parse_args(["--batchings", "tbb", "segments"])
     assert e.value.code == 2 and "unknown batching 'segments'" in capsys.readouterr().err
+
+
+def test_reproduce_paper_recipe_is_the_papers_settings(tmp_path):
+    rep = load_reproduce()
+    args = rep.parse_args(["--recipe", "paper", "--tasks", "RepeatPrevious2x10", "--models", "ffm",
+                           "--seeds", "1", "--grid-dir", str(tmp_path / "grid"),
+                           "--figure", str(tmp_path / "f.png"), "--table", str(tmp_path / "t.md")])
+    assert args.batchings == ["tbb", "sbb10", "sbb50", "sbb100"]
+    flags = {}
+    for batching in args.batchings:
+        out, cmd = rep.command("RepeatPrevious2x10", "ffm", batching, 1, args)
+        flags[batching] = cmd[2:]
+        parsed = (ffm if batching == "tbb" else sbb).parse_args(cmd[2:])  # the scripts take them
+        assert parsed.env_kwargs == {"num_decks": 2, "k": 10} and parsed.gamma == 0.5
+        assert parsed.learning_starts == 5000 * 103 and parsed.total_timesteps == 10000 * 103
+        assert parsed.train_frequency == 103 and parsed.updates_per_train == 1
+        assert (parsed.learning_rate, parsed.max_grad_norm, parsed.end_e) == (1e-4, 0.01, 0.1)
+        # a curve that rises then falls: the plain final is 0.0, the best so far 0.5
+        write_fake_run(out, [103_000, 515_000, 1_030_000], [-0.5, 0.5, 0.0], 0.9)
+    for batching in ("sbb10", "sbb50", "sbb100"):
+        assert strip_run_flags(flags[batching], "ffm", batching) == strip_run_flags(
+            flags["tbb"], "ffm", "tbb")
+    rep.summarise(args)
+    rows = [line.split("|")[1:-1] for line in (tmp_path / "t.md").read_text().splitlines()[2:]]
+    tbb = [c.strip() for c in rows[0]]
+    assert tbb[4].startswith("+0.000") and tbb[9].startswith("+0.500") and tbb[10] == "~0.0"

@@ -202,8 +202,8 @@ def summarise(args):
     rows, cols = len(args.models), len(args.tasks)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), squeeze=False)
     lines = ["| task | model | batching | seeds | final return (95% CI) | area under curve (95% CI)"
-             " | updates | density | minutes per run |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             " | updates | density | minutes per run | final best-so-far (95% CI) | paper |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for i, model in enumerate(args.models):
         for j, task in enumerate(args.tasks):
             ax = axes[i][j]
@@ -219,6 +219,12 @@ def summarise(args):
                 label = "TBB" if batching == "tbb" else f"SBB, L = {batching[3:]}"
                 ax.plot(steps, mean, color=colour, label=label)
                 ax.fill_between(steps, low, high, color=colour, alpha=0.2)
+                # The paper plots the best eval so far; dashed, so that both can be compared.
+                best = np.maximum.accumulate(returns, axis=1)
+                ax.plot(steps, best.mean(axis=0), color=colour, linestyle="--", linewidth=0.8)
+                final_best = bootstrap_ci(best[:, -1], rng)
+                paper = PAPER_FIG3.get((task, model), {})
+                paper = paper.get(batching, paper.get("sbb" if batching != "tbb" else "", ""))
                 final = bootstrap_ci(returns[:, -1], rng)
                 auc = bootstrap_ci(returns.mean(axis=1), rng)
                 # Compute is equal by construction: the same updates of the same B slots.
@@ -229,13 +235,16 @@ def summarise(args):
                 lines.append(f"| {task} | {model} | {batching} | {len(curves)} | "
                              f"{final[0]:+.3f} ({final[1]:+.3f}, {final[2]:+.3f}) | "
                              f"{auc[0]:+.3f} ({auc[1]:+.3f}, {auc[2]:+.3f}) | "
-                             f"{updates:,.0f} | {density:.2f} | {minutes:.1f} |")
+                             f"{updates:,.0f} | {density:.2f} | {minutes:.1f} | "
+                             f"{final_best[0]:+.3f} ({final_best[1]:+.3f}, {final_best[2]:+.3f})"
+                             f" | {paper if args.recipe == 'paper' else ''} |")
             ax.set_title(f"{task} ({model})", fontsize=10)
             ax.set(xlabel="environment steps" if i == rows - 1 else None,
                    ylabel="mean greedy eval return" if j == 0 else None)
             ax.xaxis.set_major_formatter(lambda x, _: f"{x / 1000:.0f}k")
             ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8, title=f"mean of {args.seeds} seeds, 95% CI", title_fontsize=8)
+    axes[0][0].legend(fontsize=8, title=f"mean of {args.seeds} seeds, 95% CI\n"
+                      "(dashed: best so far)", title_fontsize=8)
     fig.tight_layout()
     for path in (args.figure, args.table):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
