@@ -13,6 +13,8 @@ Reference implementation of "Revisiting Recurrent Reinforcement Learning with Me
 Run:   python ffm_tbb_dqn.py                          # learns RepeatFirstEasy
        python ffm_tbb_dqn.py --env-id CountRecallEasy --total-timesteps 1000000
 Help:  python ffm_tbb_dqn.py --help
+
+The text between "# ==== shared" markers is the same in all three TBB scripts (a test checks).
 """
 
 import argparse
@@ -84,13 +86,12 @@ def resettable_scan(elements, start, scan="associative"):
     """
     if scan == "associative":
         return jax.lax.associative_scan(reset_op, (elements, start))[0]
-    first = jax.tree.map(lambda x: x[0], elements)
-
     def step(carry, x):
         carry = reset_op(carry, x)
         return carry, carry[0]
 
-    return jax.lax.scan(step, (identity_like(first), jnp.zeros((), bool)), (elements, start))[1]
+    identity = identity_like(jax.tree.map(lambda x: x[0], elements))
+    return jax.lax.scan(step, (identity, jnp.zeros((), bool)), (elements, start))[1]
 
 
 # =============================================================================================
@@ -127,29 +128,6 @@ def q_head(params, y):
 # ==== end shared: scan and layers ====
 
 
-# FFM's input map turns an embedding x_t into an element; its output map reads the prefix state:
-#     v_t = W_v x_t * sigmoid(W_g x_t)                           (gated trace input)
-#     z_t = W_mix [Re S_t, Im S_t]                               (mix the traces)
-#     y_t = LN(z_t * o_t) + W_s x_t * (1 - o_t),  o_t = sigmoid(W_o x_t)   (output gate, skip)
-def add_model_flags(parser):
-    g = parser.add_argument_group("FFM model")
-    g.add_argument("--hidden-size", type=POSITIVE_INT, default=256,
-                   help="width of the embedding, the FFM output and the Q head")
-    g.add_argument("--trace-size", type=POSITIVE_INT, default=64,
-                   help="FFM trace size m: number of decaying memory traces")
-    g.add_argument("--context-size", type=POSITIVE_INT, default=4,
-                   help="FFM context size c: oscillation frequencies per trace")
-    g.add_argument("--min-period", type=POSITIVE_FLOAT, default=1.0,
-                   help="shortest oscillation period (steps) of the initial frequencies")
-    g.add_argument("--max-period", type=POSITIVE_FLOAT, default=1024.0,
-                   help="longest oscillation period (steps) of the initial frequencies")
-
-
-def check_model_flags(args):
-    if args.min_period > args.max_period:
-        fail("--min-period must not exceed --max-period")
-
-
 def init_params(key, obs_dim, num_actions, args):
     width, m, c = args.hidden_size, args.trace_size, args.context_size
     k = jax.random.split(key, 7)
@@ -159,7 +137,7 @@ def init_params(key, obs_dim, num_actions, args):
         "ffm": {
             "trace_in": init_linear(k[1], width, 2 * m),  # W_v and W_g
             # Decay rates |a_j| from 0.5 down to 1e-6: memories of ~2 to ~1e6 steps, as in
-            # the memoroid authors' FFM (see the README on the first release's start).
+            # the memoroid authors' FFM (FFM's first release started slower to learn).
             "decay": jnp.linspace(-0.5, -1e-6, m),
             "freq": 2 * np.pi / jnp.linspace(args.min_period, args.max_period, c),
             "mix": init_linear(k[2], 2 * m * c, width),
@@ -176,6 +154,10 @@ def ffm_gamma(p):
     return jnp.exp(a[:, None] + 1j * p["freq"][None, :])
 
 
+# FFM's input map turns an embedding x_t into an element; its output map reads the prefix state:
+#     v_t = W_v x_t * sigmoid(W_g x_t)                           (gated trace input)
+#     z_t = W_mix [Re S_t, Im S_t]                               (mix the traces)
+#     y_t = LN(z_t * o_t) + W_s x_t * (1 - o_t),  o_t = sigmoid(W_o x_t)   (output gate, skip)
 def input_map(params, x):
     """Embedding [..., width] -> element (v 1^T, gamma), each [..., m, c] complex."""
     p = params["ffm"]
@@ -219,8 +201,28 @@ def initial_carry(params, num_envs):
 def q_step(params, carry, obs, start):
     """One step of every env, with the scan's own reset op, so acting and training agree."""
     x = embed(params, obs)
-    carry, _ = reset_op((carry, start), (input_map(params, x), start))
+    carry, _ = reset_op((carry, start), (input_map(params, x), start))  # only b's flag counts
     return q_head(params, output_map(params, carry, x)), carry
+
+
+# The memory's flags (read by the command line below) and their cross-checks.
+def add_model_flags(parser):
+    g = parser.add_argument_group("FFM model")
+    g.add_argument("--hidden-size", type=POSITIVE_INT, default=256,
+                   help="width of the embedding, the FFM output and the Q head")
+    g.add_argument("--trace-size", type=POSITIVE_INT, default=64,
+                   help="FFM trace size m: number of decaying memory traces")
+    g.add_argument("--context-size", type=POSITIVE_INT, default=4,
+                   help="FFM context size c: oscillation frequencies per trace")
+    g.add_argument("--min-period", type=POSITIVE_FLOAT, default=1.0,
+                   help="shortest oscillation period (steps) of the initial frequencies")
+    g.add_argument("--max-period", type=POSITIVE_FLOAT, default=1024.0,
+                   help="longest oscillation period (steps) of the initial frequencies")
+
+
+def check_model_flags(args):
+    if args.min_period > args.max_period:
+        fail("--min-period must not exceed --max-period")
 
 
 # ==== shared: tape, loss, training, plumbing ====
@@ -280,13 +282,10 @@ def add_episode(tape, episode, length):
 
 
 def sample_tape(tape, key, batch_size):
-    """A training tape: whole episodes concatenated into exactly `batch_size` steps.
-
-    Each episode is drawn independently, with replacement, with probability proportional to
-    its length (draw a uniformly random stored step, take its whole episode): every stored
-    step, the newest included, is equally likely to be trained on. Only the last episode may
-    be cut to fit. Returns the steps [B, ...] and the episode-start flags [B].
-    """
+    """A training tape: whole episodes concatenated into exactly `batch_size` steps; only the
+    last one may be cut. Episodes are drawn with replacement, in proportion to their length
+    (a uniformly random stored step brings its whole episode), so that every stored step is
+    equally likely to be trained on. -> (steps [B, ...], episode-start flags [B])."""
     capacity = tape.episode_start.shape[0]
     # B draws always suffice: each episode gives at least one step.
     pos = (tape.head + jax.random.randint(key, (batch_size,), 0, tape.size)) % capacity
@@ -319,7 +318,8 @@ def td_loss(params, target_params, batch, gamma, scan):
     target = jax.lax.stop_gradient(td_targets(q_next_online, q_next_target, steps.reward,
                                               steps.terminated, gamma))
     q_taken = jnp.take_along_axis(q, steps.action[:, None], axis=-1)[:, 0]
-    # density: the share of the B slots that hold real steps; 1 on a tape, below 1 with SBB
+    # density: the share of the B slots that hold real steps. 1 on a tape; the loss that
+    # sbb_baseline_dqn.py swaps in reports less, for its padding.
     return optax.huber_loss(q_taken, target).mean(), {"q_values": q_taken.mean(),
                                                        "density": jnp.float32(1.0)}
 
@@ -385,7 +385,7 @@ def train(args):
     episode on the tape whole, and every --train-frequency steps run one train phase."""
     make_env, cap = resolve_env(args.env_id, args.max_episode_steps, args.env_kwargs,
                                 args.prev_action)
-    for flag in ("buffer_size", "batch_size"):
+    for flag in ("buffer_size", "batch_size"):  # each must hold a whole episode
         if getattr(args, flag) < cap:
             fail(f"--{flag.replace('_', '-')} {getattr(args, flag)} is smaller than the longest "
                  f"episode of {args.env_id} ({cap} steps)")
@@ -394,15 +394,16 @@ def train(args):
     obs_dim, num_actions = envs.single_observation_space.shape[0], envs.single_action_space.n
     # On a CPU the lax.scan (n ops in n steps) beats the associative scan (about 2n ops in
     # 2 log n passes); on a GPU/TPU the O(log n) depth wins at large B.
-    scan = {"auto": "sequential" if jax.default_backend() == "cpu" else "associative"}.get(
-        args.scan, args.scan)
+    cpu = jax.default_backend() == "cpu"
+    scan = args.scan if args.scan != "auto" else "sequential" if cpu else "associative"
 
     key, init_key, act_key = jax.random.split(jax.random.PRNGKey(args.seed), 3)
     # Jitted set-up: one compile instead of dozens of small eager ones.
     params = jax.jit(lambda k: init_params(k, obs_dim, num_actions, args))(init_key)
     if args.load_model:
         params = load_params(params, args.load_model)
-    run_dir, log = start_run(args, scan_used=scan, episode_cap=cap)  # inputs all checked
+    # Made only now that every input is checked: bad input leaves no empty run folder.
+    run_dir, log = start_run(args, scan_used=scan, episode_cap=cap)
     optimizer = make_optimizer(args)
     target = jax.jit(partial(jax.tree.map, jnp.copy))(params)  # own buffers: both are donated
     state = TrainState(params, target, jax.jit(optimizer.init)(params))
@@ -410,15 +411,13 @@ def train(args):
     tape = init_tape(args.buffer_size, obs_dim)
     # Each env's episode so far, on the host, in rows padded to the cap (one compile of
     # add_episode), until it ends and goes onto the tape whole.
-    running = zero_transitions((args.num_envs, cap), obs_dim, np.zeros)
-    length, rows = np.zeros(args.num_envs, np.int32), np.arange(args.num_envs)
+    unfinished = zero_transitions((args.num_envs, cap), obs_dim, np.zeros)
+    env_index, length = np.arange(args.num_envs), np.zeros(args.num_envs, np.int32)
 
     obs, _ = envs.reset(seed=args.seed)
     eval_envs.reset(seed=args.seed + 1_000_000)  # seeded apart; later resets continue it
-    carry = initial_carry(params, args.num_envs)
-    start = np.ones(args.num_envs, bool)
-    ep_return = np.zeros(args.num_envs)
-    returns, metrics = [], []
+    carry, start = initial_carry(params, args.num_envs), np.ones(args.num_envs, bool)
+    ep_return, returns, metrics = np.zeros(args.num_envs), [], []
     step = episodes = phases = 0
     eval_return = float("nan")
     while step < args.total_timesteps:
@@ -428,29 +427,31 @@ def train(args):
         actions = np.asarray(actions)
         next_obs, reward, terminated, truncated, info = envs.step(actions)
         done = terminated | truncated
-        transition = (obs, actions, reward, true_next_obs(next_obs, done, info), terminated,
-                      truncated)
-        for column, value in zip(running, transition):
-            column[rows, length] = value
+        true_next_obs = next_obs.copy()  # SAME_STEP autoreset: a finished env's is in info
+        if done.any():
+            true_next_obs[done] = np.stack(info["final_obs"][done])
+        transition = (obs, actions, reward, true_next_obs, terminated, truncated)
+        for column, value in zip(unfinished, transition):
+            column[env_index, length] = value
         length += 1
         ep_return += reward
         # Store: every finished episode goes onto the tape whole.
         for i in np.flatnonzero(done):
-            tape = add_episode(tape, Transition(*(column[i] for column in running)), length[i])
+            tape = add_episode(tape, Transition(*(c[i] for c in unfinished)), length[i])
             returns.append(ep_return[i])
             length[i], ep_return[i] = 0, 0.0
             episodes += 1
         obs, start = next_obs, done
         step += args.num_envs
 
-        # Train: one phase for every --train-frequency steps from --learning-starts on.
+        # Train: one phase for every --train-frequency steps from --learning-starts on (once a
+        # stored episode can be sampled; phases missed until then run at once).
         while episodes and phases <= (step - args.learning_starts) // args.train_frequency:
             key, phase_key = jax.random.split(key)
             state, phase_metrics = train_phase(state, tape, phase_key)
             metrics.append(phase_metrics)
             phases += 1
-        # Evaluate and log when these num_envs steps passed a multiple of --eval-every or
-        # --log-every, and at the end.
+        # Evaluate and log where these steps passed a multiple of --eval-every / --log-every.
         finished = step >= args.total_timesteps
         if step % args.eval_every < args.num_envs or finished:
             eval_return = evaluate(state.params, eval_envs, args.eval_episodes)
@@ -488,13 +489,13 @@ class Parser(argparse.ArgumentParser):
         fail(message)
 
 
-def checked(cast, ok, must):
+def checked(cast, ok, must, name=None):
     """An argparse type: `cast` the text, then require `ok(value)`."""
     def parse(text):
         if not ok(value := cast(text)):
             raise argparse.ArgumentTypeError(f"must be {must}, got {text}")
         return value
-    parse.__name__ = cast.__name__  # argparse names it in "invalid int value: 'x'"
+    parse.__name__ = name or cast.__name__  # argparse says "invalid int value: 'x'"
     return parse
 
 
@@ -503,8 +504,7 @@ NON_NEGATIVE_INT = checked(int, lambda v: v >= 0, ">= 0")
 POSITIVE_FLOAT = checked(float, lambda v: v > 0, "positive")
 UNIT = checked(float, lambda v: 0 <= v <= 1, "in [0, 1]")
 OPEN_UNIT = checked(float, lambda v: 0 < v <= 1, "in (0, 1]")
-JSON_OBJECT = checked(json.loads, lambda v: isinstance(v, dict), "a JSON object")
-JSON_OBJECT.__name__ = "JSON"
+JSON_OBJECT = checked(json.loads, lambda v: isinstance(v, dict), "a JSON object", "JSON")
 
 
 def make_parser():
@@ -619,22 +619,14 @@ def make_vector_env(make_env, num_envs):
                                     autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
 
 
-def true_next_obs(next_obs, done, info):
-    """The observation after each step: the final one for envs that just ended."""
-    if not done.any():
-        return next_obs
-    real = next_obs.copy()
-    real[done] = np.stack(info["final_obs"][done])
-    return real
-
-
 def evaluate(params, eval_envs, num_episodes):
     """Plain mean return of one greedy episode in each of the eval envs."""
     obs, _ = eval_envs.reset()
     carry, start = initial_carry(params, num_episodes), np.ones(num_episodes, bool)
     returns, running = np.zeros(num_episodes), np.ones(num_episodes, bool)
-    while running.any():  # the key is unused at epsilon 0
-        actions, carry = act(params, carry, obs, start, 0.0, jax.random.PRNGKey(0), 0)
+    key = jax.random.PRNGKey(0)  # unused at epsilon 0
+    while running.any():
+        actions, carry = act(params, carry, obs, start, 0.0, key, 0)
         obs, reward, terminated, truncated, _ = eval_envs.step(np.asarray(actions))
         returns += reward * running
         start = terminated | truncated
@@ -642,15 +634,10 @@ def evaluate(params, eval_envs, num_episodes):
     return float(returns.mean())
 
 
-# Outputs: <output-dir>/<env>__<exp-name>__<seed>__<time>/ holds args.json, metrics.csv (a row
-# per --log-every steps), learning_curve.png and, with --save-model, params.npz.
-COLUMNS = ("global_step", "episodes", "updates", "train_return", "eval_return", "td_loss",
-           "q_values", "density", "epsilon", "sps", "elapsed_s")
-
-
 def start_run(args, **extra):
-    """Make the run folder and args.json. -> (folder, log): log(**row) writes a metrics.csv
-    row and prints a progress line."""
+    """Make <output-dir>/<env>__<exp-name>__<seed>__<time>/ with args.json (later also
+    learning_curve.png and, with --save-model, params.npz). -> (folder, log), where log(**row)
+    writes a metrics.csv row and prints a progress line."""
     env = args.env_id + "".join(f"-{k}{v}" for k, v in args.env_kwargs.items())
     run_name = f"{env}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join(args.output_dir, run_name)
@@ -663,7 +650,9 @@ def start_run(args, **extra):
     print(f"{run_name}: {args.env_id}, {', '.join(f'{k} {v}' for k, v in extra.items())}, "
           f"backend {jax.default_backend()}, run folder {run_dir}")
     file = open(os.path.join(run_dir, "metrics.csv"), "w", newline="")
-    writer, t0 = csv.DictWriter(file, COLUMNS), time.time()
+    writer, t0 = csv.DictWriter(file, ("global_step", "episodes", "updates", "train_return",
+                                       "eval_return", "td_loss", "q_values", "density",
+                                       "epsilon", "sps", "elapsed_s")), time.time()
     writer.writeheader()
     clock = lambda s: f"{int(s) // 60}m{int(s) % 60:02d}s"  # noqa: E731
 
@@ -686,11 +675,10 @@ def plot_learning_curve(run_dir, title):
 
     with open(os.path.join(run_dir, "metrics.csv")) as f:
         rows = [r for r in csv.DictReader(f) if r["eval_return"] != "nan"]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6, 4), layout="tight")
     ax.plot([int(r["global_step"]) for r in rows], [float(r["eval_return"]) for r in rows], "o-")
     ax.set(xlabel="environment steps", ylabel="mean greedy eval return", title=title)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
     fig.savefig(os.path.join(run_dir, "learning_curve.png"), dpi=120)
     plt.close(fig)
 
