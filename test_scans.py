@@ -1294,6 +1294,8 @@ def test_reproduce_paper_recipe_is_the_papers_settings(tmp_path):
         assert parsed.learning_starts == 5000 * 103 and parsed.total_timesteps == 10000 * 103
         assert parsed.train_frequency == 103 and parsed.updates_per_train == 1
         assert (parsed.learning_rate, parsed.max_grad_norm, parsed.end_e) == (1e-4, 0.01, 0.1)
+        assert parsed.buffer_size >= 2 * parsed.total_timesteps  # nothing is evicted
+        assert (parsed.trace_size, parsed.context_size) == (16, 16)  # its RepeatPrevious FFM
         # a curve that rises then falls: the plain final is 0.0, the best so far 0.5
         write_fake_run(out, [103_000, 515_000, 1_030_000], [-0.5, 0.5, 0.0], 0.9)
     for batching in ("sbb10", "sbb50", "sbb100"):

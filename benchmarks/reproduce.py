@@ -37,7 +37,8 @@ COLOURS = {"tbb": "tab:blue", "sbb10": "tab:orange", "sbb20": "tab:olive", "sbb5
 # of T steps, so its budget in episodes becomes steps: E random-action episodes (E * T steps of
 # --learning-starts), then E training episodes with one B = 1000 update after each
 # (--train-frequency T, one update per phase), epsilon 0.2 -> final linearly over the training
-# episodes, an evaluation of 20 greedy episodes every 10 episodes.
+# episodes, an evaluation of 20 greedy episodes every 10 episodes, and a buffer that never
+# evicts (the paper's holds 4M transitions; ours twice the run's steps, for SBB's padding).
 # task label -> (env id, --env-kwargs, T, E, gamma, final epsilon, --prev-action)
 PAPER_TASKS = {
     "RepeatFirstEasy": ("RepeatFirstEasy", {}, 51, 5000, 0.99, 0.01, "auto"),
@@ -48,6 +49,8 @@ PAPER_TASKS = {
 PAPER_FLAGS = ["--learning-rate", "1e-4", "--lr-warmup-updates", "200", "--max-grad-norm",
                "0.01", "--tau", "0.005", "--start-e", "0.2", "--exploration-fraction", "1.0",
                "--updates-per-train", "1", "--batch-size", "1000", "--eval-episodes", "20"]
+# Its FFM on RepeatPrevious has 16 traces x 16 frequencies (elsewhere 64 x 4, our default).
+PAPER_MODEL_FLAGS = {("RepeatPrevious2x10", "ffm"): ["--trace-size", "16", "--context-size", "16"]}
 # The paper's Fig. 3, end of training, read by eye (10 seeds, best-so-far curves).
 # (task, model) -> {batching: value}; "sbb" stands for every segment length not listed.
 PAPER_FIG3 = {
@@ -105,15 +108,16 @@ def parse_args(argv=None):
     return args
 
 
-def task_flags(task, args):
-    """-> (the flags of `task` under the recipe, its budget in env steps)."""
+def task_flags(task, args, model=None):
+    """-> (the flags of `task` (and `model`) under the recipe, its budget in env steps)."""
     if args.recipe == "short":
         return TASK_FLAGS.get(task, []), args.total_timesteps
     env_id, kwargs, T, episodes, gamma, end_e, prev_action = PAPER_TASKS[task]
     flags = ["--env-kwargs", json.dumps(kwargs), "--prev-action", prev_action,
              "--learning-starts", str(episodes * T), "--train-frequency", str(T),
              "--eval-every", str(10 * T), "--log-every", str(10 * T), "--gamma", str(gamma),
-             "--end-e", str(end_e), *PAPER_FLAGS]
+             "--end-e", str(end_e), "--buffer-size", str(4 * episodes * T), *PAPER_FLAGS,
+             *PAPER_MODEL_FLAGS.get((task, model), [])]
     return flags, 2 * episodes * T
 
 
@@ -125,7 +129,7 @@ def command(task, model, batching, seed, args):
         script, batching_flags = "sbb_baseline_dqn.py", ["--memory", model,
                                                          "--segment-length", batching[3:]]
     out = os.path.join(args.grid_dir, task, model, batching, f"seed{seed}")
-    flags, total = task_flags(task, args)
+    flags, total = task_flags(task, args, model)
     env_id = PAPER_TASKS[task][0] if args.recipe == "paper" else task
     return out, [sys.executable, os.path.join(ROOT, script), "--env-id", env_id, "--seed",
                  str(seed), "--total-timesteps", str(total), "--exp-name", batching,
