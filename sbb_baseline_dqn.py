@@ -175,9 +175,10 @@ def parse_args(argv=None):
     return args
 
 
-def train(args):
+def train(args, tbb=None):
+    """Run SBB: `tbb` is segment_script(args.memory, L) unless given (ablations change it)."""
     L = args.segment_length
-    tbb = segment_script(args.memory, L)
+    tbb = tbb or segment_script(args.memory, L)
     _, cap = tbb.resolve_env(args.env_id, args.max_episode_steps, args.env_kwargs,
                              args.prev_action)
     capacity, needed = args.buffer_size // L, -(-cap // L)

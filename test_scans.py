@@ -215,13 +215,18 @@ def random_tape_obs(lengths, seed=0):
     return obs, next_obs, episode_starts(lengths)
 
 
+@lru_cache(maxsize=None)
+def q_step_jit(module):
+    return jax.jit(module.q_step)
+
+
 def step_loop(module, params, obs, start):
     """Q values from the recurrent step path, one observation at a time (batch of 1 env)."""
     carry = module.initial_carry(params, 1)
     qs = []
     for t in range(len(obs)):
-        q, carry = module.q_step(params, carry, jnp.asarray(obs[t:t + 1]),
-                                 jnp.asarray(start[t:t + 1]))
+        q, carry = q_step_jit(module)(params, carry, jnp.asarray(obs[t:t + 1]),
+                                      jnp.asarray(start[t:t + 1]))
         qs.append(np.asarray(q[0]))
     return np.stack(qs)
 
@@ -728,13 +733,14 @@ def check_run(out, files=("args.json", "metrics.csv", "learning_curve.png")):
 
 
 def test_smoke_runs_are_finite_and_deterministic(tmp_path):
-    """A tiny run of every script (SBB at L = 10, 20, 50), all started together to share the
-    wait; FFM twice, to check seeding (the loop is one text in every script)."""
+    """A tiny run of every script (SBB with FFM at L = 10 and the linear transformer at 50),
+    all started together to share the wait; FFM twice, to check seeding (the loop is one text
+    in every script)."""
     jobs = [(f"tbb_{m}", TBB_SCRIPTS[m], [*TINY_MODEL[m], "--save-model"]) for m in TINY_MODEL]
     jobs.append(("tbb_ffm_again", "ffm_tbb_dqn.py", [*TINY_MODEL["ffm"], "--save-model"]))
     jobs += [(f"sbb_{m}", "sbb_baseline_dqn.py", [*TINY_MODEL[m], "--memory", m,
                                                   "--segment-length", str(L)])
-             for m, L in (("ffm", 10), ("lru", 20), ("linear_transformer", 50))]
+             for m, L in (("ffm", 10), ("linear_transformer", 50))]
     metrics = {}
     for pair in [jobs]:
         procs = [(name, subprocess.Popen([sys.executable, os.path.join(HERE, script), *TINY,
@@ -1167,7 +1173,7 @@ def test_vml_sensitivity_is_zero_across_an_episode_start():
 
 
 def test_vml_script_smoke(tmp_path):
-    p = run_script("vml_analysis.py", "--total-timesteps", "3000", "--episodes", "2",
+    p = run_script("vml_analysis.py", "--total-timesteps", "2000", "--episodes", "2",
                    "--final-steps", "2", "--hidden-size", "32", "--trace-size", "8",
                    "--context-size", "2", "--output-dir", str(tmp_path))
     assert p.returncode == 0, p.stderr
@@ -1305,3 +1311,55 @@ def test_reproduce_paper_recipe_is_the_papers_settings(tmp_path):
     rows = [line.split("|")[1:-1] for line in (tmp_path / "t.md").read_text().splitlines()[2:]]
     tbb = [c.strip() for c in rows[0]]
     assert tbb[4].startswith("+0.000") and tbb[9].startswith("+0.500") and tbb[10] == "~0.0"
+
+
+# =============================================================================================
+# Ablations: each of benchmarks/ablations.py's replacements really changes what it replaces
+# =============================================================================================
+def load_ablations():
+    spec = importlib.util.spec_from_file_location(
+        "ablations", os.path.join(HERE, "benchmarks", "ablations.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ablations_change_one_function_and_leave_the_scripts_untouched():
+    abl = load_ablations()
+    originals = {m: dict(vars(m)) for m in (ffm, lru, lt, sbb)}
+    params, target = net_params("ffm"), net_params("ffm", 3)
+    # SBB loss: huber(mean |error|) != mean huber(error) once errors exceed the Huber knee
+    steps, mask = segment_batch([7, 3, 10], L=4)
+    steps = steps._replace(reward=jnp.where(mask, 5.0 * steps.reward, 0.0))
+    losses = [jax.jit(partial(loss, ffm.q_tape), static_argnums=(3, 4))(
+        params, target, (steps, mask), 0.9, "sequential")[0]
+        for loss in (sbb.masked_td_loss, abl.paper_sbb_loss)]
+    ours, paper = losses
+    assert abs(float(ours) - float(paper)) > 1e-3
+    # Rescanned target: equal Q(o_t), but Q(o_t+1) differs (its memory misses o_0)
+    obs, next_obs, start = random_tape_obs([5, 4], seed=6)
+    q, q_next = q_tape_jit("ffm")(params, obs, next_obs, start, "sequential")
+    q2, q_next2 = jax.jit(abl.rescanned(ffm.q_tape), static_argnums=4)(
+        params, obs, next_obs, start, "sequential")
+    np.testing.assert_array_equal(np.asarray(q), np.asarray(q2))
+    assert not np.allclose(np.asarray(q_next), np.asarray(q_next2), atol=1e-4)
+    # LT normaliser: (sum z)(sum phi(q)) != phi(q) . z on the hand-made state of the LT test
+    p = net_params("linear_transformer")
+    state = (jnp.ones((2, 3, 4)), jnp.array([[3.0, 0.5, 1.0], [1.0, 4.0, 2.0]]))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=16), jnp.float32)
+    assert not np.allclose(lt.attention(p, state, x), abl.paper_attention(p, state, x))
+    # Uniform episodes: the first drawn episode is uniform, not in proportion to length
+    tape = ffm.init_tape(64, 2)
+    for ep_id, n in enumerate([20, 1, 5, 10, 2]):
+        tape = ffm.add_episode(tape, *make_episode(ep_id, n, 20))
+    keys = jax.random.split(jax.random.PRNGKey(0), 4000)
+    first = jax.vmap(lambda k: abl.sample_uniform_episodes(tape, k, 20)[0].obs[0, 0])(keys)
+    np.testing.assert_allclose(np.bincount(np.asarray(first).astype(int), minlength=5) / 4000,
+                               0.2, atol=0.025)
+    # Each ablated script is a private copy with exactly that function swapped
+    script = abl.ablated_script("lt_normaliser", "linear_transformer")
+    assert script.attention is abl.paper_attention and lt.attention is not abl.paper_attention
+    assert abl.ablated_script("uniform_episodes", "ffm").sample_tape is abl.sample_uniform_episodes
+    assert {m: dict(vars(m)) for m in (ffm, lru, lt, sbb)} == originals
+    with pytest.raises(ValueError):
+        abl.ablated_script("sbb_loss", "ffm")  # SBB only

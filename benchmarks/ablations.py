@@ -1,0 +1,145 @@
+"""One-change ablations: our scripts with one function replaced by the paper code's choice.
+
+Each ablation takes a private copy of a script (sbb_baseline_dqn.load_script, so the imported
+modules stay untouched), replaces one function with what the paper's code
+(proroklab/memory-monoids) does, and runs the script's own `train`:
+
+  sbb_loss          SBB's loss as huber(masked mean of |TD error|), not the masked mean of
+                    per-step Huber losses (SBB only)
+  rescan_target     Q(o_t+1) from scanning the next-observation tape with the same start flags,
+                    so the target's memory never sees o_0 (the first observation of its episode
+                    or segment), not the prefix state after o_t combined with o_t+1
+  lt_normaliser     linear attention normalised by (sum z)(sum phi(q)), not phi(q) . z
+                    (linear transformer only)
+  uniform_episodes  training tapes of episodes drawn uniformly, not in proportion to their
+                    length (TBB only)
+
+Run:   python benchmarks/ablations.py sbb_loss --memory ffm --segment-length 50 [script flags]
+       python benchmarks/ablations.py rescan_target --memory lru [script flags]    (TBB)
+--segment-length picks SBB; without it the run is TBB. Every other flag is the script's.
+"""
+
+import os
+import sys
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import optax
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import sbb_baseline_dqn as sbb  # noqa: E402
+
+
+def paper_sbb_loss(q_tape, params, target_params, batch, gamma, scan):
+    """huber(mean |TD error| over real steps): the paper code's segment loss."""
+    steps, mask = batch
+    flat = lambda x: x.reshape((-1,) + x.shape[2:])  # noqa: E731
+    q, q_next_online = map(flat, sbb.q_segments(q_tape, params, steps.obs, steps.next_obs, scan))
+    _, q_next_target = sbb.q_segments(q_tape, target_params, steps.obs, steps.next_obs, scan)
+    target = jax.lax.stop_gradient(sbb.td_targets(
+        q_next_online, flat(q_next_target), flat(steps.reward), flat(steps.terminated), gamma))
+    q_taken = jnp.take_along_axis(q, flat(steps.action)[:, None], axis=-1)[:, 0]
+    mask = flat(mask)
+    real = jnp.maximum(mask.sum(), 1)
+    mean_abs_error = jnp.where(mask, jnp.abs(q_taken - target), 0.0).sum() / real
+    return optax.huber_loss(mean_abs_error), {
+        "q_values": jnp.where(mask, q_taken, 0.0).sum() / real, "density": mask.mean()}
+
+
+def rescanned(q_tape):
+    """q_tape whose Q(o_t+1) comes from its own scan of the next observations."""
+    def q_tape_rescan(params, obs, next_obs, start, scan):
+        return q_tape(params, obs, next_obs, start, scan)[0], q_tape(
+            params, next_obs, next_obs, start, scan)[0]
+    return q_tape_rescan
+
+
+def paper_attention(params, state, x, eps=1e-6):
+    """phi(q)^T S / ((sum z)(sum phi(q)) + eps) per head: the paper code's normaliser."""
+    s, z = state
+    q = jax.nn.elu(jnp.tensordot(x, params["attention"]["query"]["w"], axes=1)
+                   + params["attention"]["query"]["b"]) + 1.0
+    numerator = jnp.einsum("...hk,...hkv->...hv", q, s)
+    denominator = z.sum(-1) * q.sum(-1) + eps
+    a = numerator / denominator[..., None]
+    return a.reshape(a.shape[:-2] + (-1,))
+
+
+def sample_uniform_episodes(tape, key, batch_size):
+    """sample_tape with every stored episode equally likely (drawn with replacement)."""
+    capacity = tape.episode_start.shape[0]
+    ring = (tape.head + jnp.arange(capacity)) % capacity  # oldest stored step first
+    stored = jnp.arange(capacity) < tape.size
+    # Each step weighs 1 / its episode's length, so each episode weighs 1 in all.
+    weight = jnp.where(stored, 1.0 / jnp.maximum(tape.episode_length[ring], 1), 0.0)
+    cdf = jnp.cumsum(weight)
+    draw = jax.random.uniform(key, (batch_size,)) * cdf[-1]
+    pos = ring[jnp.minimum(jnp.searchsorted(cdf, draw, side="right"), tape.size - 1)]
+    begin, length = tape.episode_start[pos], tape.episode_length[pos]
+    ends = jnp.cumsum(length)
+    slot = jnp.arange(batch_size)
+    k = jnp.searchsorted(ends, slot, side="right")
+    offset = slot - (ends[k] - length[k])
+    idx = (begin[k] + offset) % capacity
+    return jax.tree.map(lambda column: column[idx], tape.steps), offset == 0
+
+
+def ablated_script(ablation, memory, segment_length=None):
+    """A private copy of the script (TBB, or SBB with `segment_length`) with one change."""
+    if segment_length is None:
+        if ablation in ("sbb_loss",):
+            raise ValueError(f"{ablation} changes SBB only: give --segment-length")
+        script = sbb.load_script(memory)
+    else:
+        if ablation == "uniform_episodes":
+            raise ValueError("uniform_episodes changes TBB only: leave out --segment-length")
+        script = sbb.segment_script(memory, segment_length)
+    if ablation == "lt_normaliser":
+        if memory != "linear_transformer":
+            raise ValueError("lt_normaliser changes the linear transformer only")
+        script.attention = paper_attention
+    elif ablation == "uniform_episodes":
+        script.sample_tape = sample_uniform_episodes
+    elif ablation == "rescan_target":
+        if segment_length is None:
+            script.q_tape = rescanned(script.q_tape)
+        else:
+            script.td_loss = partial(sbb.masked_td_loss, rescanned(script.q_tape))
+    elif ablation == "sbb_loss":
+        script.td_loss = partial(paper_sbb_loss, script.q_tape)
+    else:
+        raise ValueError(f"unknown ablation {ablation!r}")
+    return script
+
+
+ABLATIONS = ("sbb_loss", "rescan_target", "lt_normaliser", "uniform_episodes")
+
+
+def main(argv):
+    if not argv or argv[0] not in ABLATIONS:
+        sys.exit(f"ablations.py: error: the first argument must be one of {', '.join(ABLATIONS)}")
+    ablation, flags = argv[0], argv[1:]
+    if "--segment-length" in flags:
+        args = sbb.parse_args(flags)
+        L = args.segment_length
+    else:
+        memory = flags[flags.index("--memory") + 1] if "--memory" in flags else "ffm"
+        if "--memory" in flags:
+            i = flags.index("--memory")
+            flags = flags[:i] + flags[i + 2:]
+        args = sbb.load_script(memory).parse_args(flags)
+        args.memory, L = memory, None
+    try:
+        script = ablated_script(ablation, args.memory, L)
+    except ValueError as e:
+        sys.exit(f"ablations.py: error: {e}")
+    args.exp_name = f"{args.exp_name}_{ablation}"
+    if L is None:
+        return script.train(args)
+    # SBB's own checks (ring size) and the swapped TBB train
+    return sbb.train(args, script)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
