@@ -1,8 +1,8 @@
 """Value memory length: how far back does a learned Q function look? TBB vs SBB.
 
-The paper's analysis (Morad et al. 2024, Sec. 6): train an FFM Q network on RepeatPrevious
-with Tape-Based Batching and with Segment-Based Batching (segments of L = 10 steps), then
-measure how strongly Q at the last steps of an episode depends on each earlier observation:
+The paper's analysis (Morad et al. 2024, Sec. 6): train a Q network on RepeatPrevious with
+Tape-Based Batching and with Segment-Based Batching (segments of L steps), then measure how
+strongly Q at the last steps of an episode depends on each earlier observation:
 
     sensitivity(i) = mean over episodes e and final steps t of  sum_f |dQ_t(a*_t) / d o_{t-i, f}|,
 
@@ -12,54 +12,52 @@ length VML is the smallest age i with C(i) >= --threshold (default 0.95), counte
 observations (age 0 is the current one, so VML = i + 1).
 
 RepeatPrevious(k) rewards the suit seen k steps ago, so the reward memory length RML, the
-observations an optimal Q needs, is k + 1 (ages 0..k). With k = 10 > L - 1 = 9, no SBB segment
-ever holds the observation the reward is about when its step is trained.
+observations an optimal Q needs, is k + 1 (ages 0..k). With k = 10, an SBB segment of L = 10
+never holds the observation the reward is about when its last step is trained; L = 20 can.
+Each network's final greedy eval return is printed and plotted beside its curve: the VML of a
+network that did not learn the task says little.
 
-Run:   python vml_analysis.py                      # trains both (about 6 minutes on 2 CPU cores)
-       python vml_analysis.py --load-tbb a/params.npz --load-sbb b/params.npz
+Run:   python vml_analysis.py                     # --seeds 3 of TBB, SBB L = 10 and L = 20
+       python vml_analysis.py --memory lru --seeds 1 --total-timesteps 600000
+Flags the analysis does not know go to every training run (budget, model sizes, lr, ...).
+Finished runs under --output-dir/runs are reused, so a second call only analyses.
 """
 
 import argparse
 import csv
+import importlib
+import json
 import os
-from functools import partial
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-import ffm_tbb_dqn as tbb
+import ffm_tbb_dqn as tbb  # for the command-line helpers, the same in every script
 import sbb_baseline_dqn as sbb
 
 
 def parse_args(argv=None):
-    P, U = tbb.POSITIVE_INT, tbb.UNIT  # range-checked argparse types
     p = tbb.Parser(description=__doc__.split("\n")[0],
                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--k", type=P, default=10, help="RepeatPrevious: repeat the suit k steps ago")
-    p.add_argument("--num-decks", type=P, default=2, help="RepeatPrevious: decks (episode length)")
-    p.add_argument("--gamma", type=U, default=0.5, help="discount of both training runs")
-    p.add_argument("--segment-length", type=P, default=10, help="SBB segment length L")
-    p.add_argument("--total-timesteps", type=P, default=300_000,
-                   help="training budget of each run, in env steps")
-    p.add_argument("--seed", type=int, default=1, help="seed of both runs and the analysis episodes")
-    p.add_argument("--episodes", type=P, default=16, help="greedy episodes analysed per network")
-    p.add_argument("--final-steps", type=P, default=8,
-                   help="last steps t of each episode whose Q is differentiated")
-    p.add_argument("--threshold", type=tbb.OPEN_UNIT, default=0.95,
-                   help="share of cumulative sensitivity that defines the VML")
-    p.add_argument("--hidden-size", type=P, default=256, help="FFM network width (both runs)")
-    p.add_argument("--trace-size", type=P, default=64, help="FFM trace size m (both runs)")
-    p.add_argument("--context-size", type=P, default=4, help="FFM context size c (both runs)")
-    p.add_argument("--load-tbb", default=None, help="params.npz of a TBB run (skips its training)")
-    p.add_argument("--load-sbb", default=None, help="params.npz of an SBB run (skips its training)")
-    p.add_argument("--output-dir", default=".", help="folder for vml.csv, vml.png and the runs")
-    args = p.parse_args(argv)
+    add, positive = p.add_argument, tbb.POSITIVE_INT  # positive: a range-checked argparse type
+    add("--memory", choices=sbb.MEMORIES, default="ffm", help="the memoroid of every network")
+    add("--k", type=positive, default=10, help="RepeatPrevious: repeat the suit k steps ago")
+    add("--num-decks", type=positive, default=2, help="RepeatPrevious: decks (episode length)")
+    add("--gamma", type=tbb.UNIT, default=0.5, help="discount of every training run")
+    add("--segment-lengths", type=positive, nargs="+", default=[10, 20], help="SBB's L")
+    add("--seeds", type=positive, default=3, help="seeds 1..N of every batching")
+    add("--episodes", type=positive, default=16, help="greedy episodes analysed per network")
+    add("--final-steps", type=positive, default=8,
+        help="last steps t of each episode whose Q is differentiated")
+    add("--threshold", type=tbb.OPEN_UNIT, default=0.95,
+        help="share of cumulative sensitivity that defines the VML")
+    add("--output-dir", default=".", help="folder for vml.csv, vml.png and the runs")
+    args, script_flags = p.parse_known_args(argv)
+    args.script_flags = script_flags  # checked by the training scripts' own parsers
     if args.k >= 52 * args.num_decks:
         tbb.fail("--k must be smaller than the number of cards (52 per deck)")
-    for flag, path in (("--load-tbb", args.load_tbb), ("--load-sbb", args.load_sbb)):
-        if path is not None and not os.path.isfile(path):
-            tbb.fail(f"{flag}: no such file {path!r}")
     return args
 
 
@@ -91,58 +89,50 @@ def value_memory_length(sens, threshold):
     return cumulative, int(np.flatnonzero(cumulative >= threshold - 1e-6)[0]) + 1
 
 
-def ffm_q_fn(params):
-    """Q of an FFM network (either training's params: the math is the same) over one episode."""
+def q_fn_of(script, params):
+    """Q of a network (TBB's or SBB's: the network is the same) over one episode."""
     def q_fn(obs):
         start = jnp.zeros(obs.shape[0], bool).at[0].set(True)
-        return tbb.q_tape(params, obs, obs, start, "sequential")[0]
+        return script.q_tape(params, obs, obs, start, "sequential")[0]
     return jax.jit(q_fn)
 
 
 # ---------------------------------------------------------------------------------------------
-# Training (the scripts' own code) and greedy episodes
+# Training (the scripts' own code), or the finished run, and greedy episodes
 # ---------------------------------------------------------------------------------------------
-def register_env(k, num_decks):
-    """A gymnasium id for RepeatPrevious(num_decks, k), so the scripts' --env-id can take it."""
-    import gymnasium as gym
-    from popgym.envs import RepeatPrevious
-
-    env_id = f"popgym-RepeatPreviousK{k}D{num_decks}-v0"
-    if env_id not in gym.registry:
-        gym.register(id=env_id, entry_point=partial(RepeatPrevious, num_decks=num_decks, k=k))
-    return env_id
-
-
-def model_flags(args):
-    return ["--hidden-size", str(args.hidden_size), "--trace-size", str(args.trace_size),
-            "--context-size", str(args.context_size)]
-
-
-def train_run(module, env_id, args, extra):
-    flags = ["--env-id", env_id, "--gamma", str(args.gamma), "--seed", str(args.seed),
-             "--total-timesteps", str(args.total_timesteps), "--save-model",
-             "--output-dir", os.path.join(args.output_dir, "runs"), *model_flags(args), *extra]
-    run_dir = module.train(module.parse_args(flags))
-    return os.path.join(run_dir, "params.npz")
+def trained_run(args, batching, seed, env_flags):
+    """The run folder of (batching, seed): reused when it holds params.npz, else trained."""
+    out = os.path.join(args.output_dir, "runs", batching, f"seed{seed}")
+    done = [os.path.join(out, d) for d in sorted(os.listdir(out))] if os.path.isdir(out) else []
+    done = [d for d in done if os.path.isfile(os.path.join(d, "params.npz"))]
+    if done:
+        return done[-1]
+    flags = [*env_flags, "--seed", str(seed), "--save-model", "--output-dir", out,
+             "--exp-name", batching, *args.script_flags]
+    if batching == "tbb":
+        script = importlib.import_module(sbb.MEMORIES[args.memory])
+        return script.train(script.parse_args(flags))
+    return sbb.train(sbb.parse_args([*flags, "--memory", args.memory,
+                                     "--segment-length", batching[3:]]))
 
 
-def load_ffm(path, obs_dim, num_actions, args):
-    sizes = tbb.parse_args(model_flags(args))
-    template = tbb.init_params(jax.random.PRNGKey(0), obs_dim, num_actions, sizes)
-    return tbb.load_params(template, path)
+def final_eval_return(run_dir):
+    with open(os.path.join(run_dir, "metrics.csv")) as f:
+        returns = [float(r["eval_return"]) for r in csv.DictReader(f) if r["eval_return"] != "nan"]
+    return returns[-1]
 
 
-def greedy_episodes(params, make_env, num_episodes, seed):
+def greedy_episodes(script, params, make_env, num_episodes, seed):
     """Observations of one greedy episode in each of `num_episodes` envs, [T, obs_dim] each."""
-    envs = tbb.make_vector_env(make_env, num_episodes)
+    envs = script.make_vector_env(make_env, num_episodes)
     obs, _ = envs.reset(seed=seed)
-    carry = tbb.initial_carry(params, num_episodes)
+    carry = script.initial_carry(params, num_episodes)
     start, running = np.ones(num_episodes, bool), np.ones(num_episodes, bool)
     seen = [[] for _ in range(num_episodes)]
     while running.any():
         for i in np.flatnonzero(running):
             seen[i].append(obs[i].astype(np.float32))
-        actions, carry = tbb.act(params, carry, obs, start, 0.0, jax.random.PRNGKey(0), 0)
+        actions, carry = script.act(params, carry, obs, start, 0.0, jax.random.PRNGKey(0), 0)
         obs, _, terminated, truncated, _ = envs.step(np.asarray(actions))
         start = terminated | truncated
         running &= ~start
@@ -150,59 +140,80 @@ def greedy_episodes(params, make_env, num_episodes, seed):
     return [np.stack(s) for s in seen]
 
 
-def plot(curves, rml, segment_length, path):
+def plot(results, args, rml, path):
+    """Mean normalised cumulative sensitivity per batching, with its range over seeds."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for name, cumulative in curves.items():
-        ax.plot(np.arange(1, len(cumulative) + 1), cumulative, "o-", ms=3, label=name)
+    fig, ax = plt.subplots(figsize=(7, 4.2), layout="tight")
+    for batching, runs in results.items():
+        ages = min(len(r["cumulative"]) for r in runs)
+        curves = np.stack([r["cumulative"][:ages] for r in runs])
+        returns = [r["eval_return"] for r in runs]
+        label = ("TBB" if batching == "tbb" else f"SBB, L = {batching[3:]}") + (
+            f" (eval return {np.mean(returns):+.2f}, {min(returns):+.2f} to {max(returns):+.2f})")
+        line, = ax.plot(np.arange(1, ages + 1), curves.mean(0), "o-", ms=3, label=label)
+        ax.fill_between(np.arange(1, ages + 1), curves.min(0), curves.max(0),
+                        color=line.get_color(), alpha=0.2)
     ax.axvline(rml, color="k", ls="--", lw=1, label=f"RML = {rml}")
-    ax.axvline(segment_length, color="r", ls=":", lw=1, label=f"SBB segment L = {segment_length}")
-    ax.set(xlabel="observations back (1 = the current one)", ylim=(0, 1.02),
-           ylabel="normalised cumulative |dQ/do|", title="Value memory length, FFM on RepeatPrevious")
+    for L in args.segment_lengths:
+        ax.axvline(L, color="r", ls=":", lw=1)
+    ax.set(xlabel="observations back (1 = the current one); red: segment lengths L",
+           ylabel="normalised cumulative |dQ/do|", ylim=(0, 1.02),
+           title=f"Value memory length, {args.memory} on RepeatPrevious "
+                 f"({len(results['tbb'])} seeds: mean and range)")
     ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
+    ax.legend(fontsize=8)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 def main(args):
-    env_id = register_env(args.k, args.num_decks)
-    make_env, cap = tbb.resolve_env(env_id)
-    rml = args.k + 1
-    paths = {"TBB": args.load_tbb or train_run(tbb, env_id, args, []),
-             "SBB": args.load_sbb or train_run(sbb, env_id, args, [
-                 "--memory", "ffm", "--segment-length", str(args.segment_length)])}
+    kwargs = {"num_decks": args.num_decks, "k": args.k}
+    env_flags = ["--env-id", "RepeatPreviousEasy", "--env-kwargs", json.dumps(kwargs),
+                 "--gamma", str(args.gamma)]
+    make_env, cap = tbb.resolve_env("RepeatPreviousEasy", env_kwargs=kwargs)
     probe = make_env()
-    obs_dim, num_actions = int(np.prod(probe.observation_space.shape)), int(probe.action_space.n)
-    curves, summary = {}, []
-    for name, path in paths.items():
-        params = load_ffm(path, obs_dim, num_actions, args)
-        episodes = greedy_episodes(params, make_env, args.episodes, args.seed + 2_000_000)
-        sens = mean_sensitivity(ffm_q_fn(params), episodes, args.final_steps)
-        cumulative, vml = value_memory_length(sens, args.threshold)
-        curves[name] = cumulative
-        older_l = 1 - cumulative[args.segment_length - 1]
-        older_rml = 1 - cumulative[rml - 1]
-        summary.append((name, sens, cumulative))
-        print(f"{name}: VML = {vml} observations ({args.threshold:.0%} of the sensitivity); "
-              f"share older than L = {args.segment_length}: {older_l:.3f}; "
-              f"older than RML = {rml}: {older_rml:.3f}")
+    obs_dim, num_actions = probe.observation_space.shape[0], int(probe.action_space.n)
+    script = importlib.import_module(sbb.MEMORIES[args.memory])
+    sizes = script.parse_args(args.script_flags)
+    template = script.init_params(jax.random.PRNGKey(0), obs_dim, num_actions, sizes)
+    rml = args.k + 1
+    results = {b: [] for b in ["tbb"] + [f"sbb{L}" for L in args.segment_lengths]}
+    for seed in range(1, args.seeds + 1):
+        for batching, runs in results.items():
+            run_dir = trained_run(args, batching, seed, env_flags)
+            params = script.load_params(template, os.path.join(run_dir, "params.npz"))
+            episodes = greedy_episodes(script, params, make_env, args.episodes, 2_000_000 + seed)
+            sens = mean_sensitivity(q_fn_of(script, params), episodes, args.final_steps)
+            cumulative, vml = value_memory_length(sens, args.threshold)
+            runs.append({"seed": seed, "sensitivity": sens, "cumulative": cumulative, "vml": vml,
+                         "eval_return": final_eval_return(run_dir)})
+            print(f"{batching} seed {seed}: eval return {runs[-1]['eval_return']:+.3f}, "
+                  f"VML = {vml} observations", flush=True)
+    print(f"RepeatPrevious(num_decks={args.num_decks}, k={args.k}): episodes of {cap} steps, "
+          f"RML = {rml} observations; {args.memory}, {args.seeds} seeds (mean, min to max):")
+    for batching, runs in results.items():
+        def stat(values, fmt):
+            return f"{np.mean(values):{fmt}} ({min(values):{fmt}} to {max(values):{fmt}})"
+        older = {n: [1 - r["cumulative"][min(n, len(r["cumulative"])) - 1] for r in runs]
+                 for n in sorted({rml, *args.segment_lengths})}
+        print(f"  {batching:>7}: eval return {stat([r['eval_return'] for r in runs], '+.3f')}; "
+              f"VML ({args.threshold:.0%}) {stat([r['vml'] for r in runs], '.1f')}; share older "
+              + "; ".join(f"than {n}: {stat(v, '.3f')}" for n, v in older.items()))
     os.makedirs(args.output_dir, exist_ok=True)
-    ages = min(len(c) for c in curves.values())
     with open(os.path.join(args.output_dir, "vml.csv"), "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["observations_back"] + [f"{n.lower()}_{c}" for n, _, _ in summary
-                                            for c in ("sensitivity", "cumulative")])
-        for i in range(ages):
-            w.writerow([i + 1] + [v for _, s, c in summary for v in (s[i], c[i])])
-    plot(curves, rml, args.segment_length, os.path.join(args.output_dir, "vml.png"))
-    print(f"RepeatPrevious(num_decks={args.num_decks}, k={args.k}): episodes of {cap} steps, "
-          f"RML = {rml} observations; wrote vml.csv and vml.png in {args.output_dir}")
+        w.writerow(["batching", "seed", "eval_return", "observations_back", "sensitivity",
+                    "cumulative"])
+        for batching, runs in results.items():
+            for r in runs:
+                for i, (s, c) in enumerate(zip(r["sensitivity"], r["cumulative"])):
+                    w.writerow([batching, r["seed"], r["eval_return"], i + 1, s, c])
+    plot(results, args, rml, os.path.join(args.output_dir, "vml.png"))
+    print(f"wrote vml.csv and vml.png in {args.output_dir}")
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    main(parse_args(sys.argv[1:]))
