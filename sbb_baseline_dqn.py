@@ -105,20 +105,24 @@ def q_segments(q_tape, params, obs, next_obs, scan):
     return jax.vmap(q_tape, in_axes=(None, 0, 0, None, None))(params, obs, next_obs, start, scan)
 
 
-def masked_td_loss(q_tape, params, target_params, batch, gamma, scan):
-    """Mean Huber TD error over the real steps of a batch of segments, and metrics to log.
-
-    Padded steps enter neither: they come after every real step of their segment (so the
-    causal scan keeps them out of real steps' Q), and their errors are selected away.
-    """
+def taken_q_and_targets(q_tape, params, target_params, batch, gamma, scan):
+    """Q of the taken actions, their double-DQN targets and the real-step mask, each [S L]."""
     steps, mask = batch
     flat = lambda x: x.reshape((-1,) + x.shape[2:])  # noqa: E731  [S, L, ...] -> [S L, ...]
     q, q_next_online = map(flat, q_segments(q_tape, params, steps.obs, steps.next_obs, scan))
     _, q_next_target = q_segments(q_tape, target_params, steps.obs, steps.next_obs, scan)
     target = jax.lax.stop_gradient(td_targets(q_next_online, flat(q_next_target),
                                               flat(steps.reward), flat(steps.terminated), gamma))
-    q_taken = jnp.take_along_axis(q, flat(steps.action)[:, None], axis=-1)[:, 0]
-    mask = flat(mask)
+    return jnp.take_along_axis(q, flat(steps.action)[:, None], axis=-1)[:, 0], target, flat(mask)
+
+
+def masked_td_loss(q_tape, params, target_params, batch, gamma, scan):
+    """Mean Huber TD error over the real steps of a batch of segments, and metrics to log.
+
+    Padded steps enter neither: they come after every real step of their segment (so the
+    causal scan keeps them out of real steps' Q), and their errors are selected away.
+    """
+    q_taken, target, mask = taken_q_and_targets(q_tape, params, target_params, batch, gamma, scan)
     real = jnp.maximum(mask.sum(), 1)
     # jnp.where, not a product with the mask: a padded step cannot reach the loss or its gradient
     loss = jnp.where(mask, optax.huber_loss(q_taken, target), 0.0).sum() / real

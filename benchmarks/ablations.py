@@ -33,14 +33,8 @@ import sbb_baseline_dqn as sbb  # noqa: E402
 
 def paper_sbb_loss(q_tape, params, target_params, batch, gamma, scan):
     """huber(mean |TD error| over real steps): the paper code's segment loss."""
-    steps, mask = batch
-    flat = lambda x: x.reshape((-1,) + x.shape[2:])  # noqa: E731
-    q, q_next_online = map(flat, sbb.q_segments(q_tape, params, steps.obs, steps.next_obs, scan))
-    _, q_next_target = sbb.q_segments(q_tape, target_params, steps.obs, steps.next_obs, scan)
-    target = jax.lax.stop_gradient(sbb.td_targets(
-        q_next_online, flat(q_next_target), flat(steps.reward), flat(steps.terminated), gamma))
-    q_taken = jnp.take_along_axis(q, flat(steps.action)[:, None], axis=-1)[:, 0]
-    mask = flat(mask)
+    q_taken, target, mask = sbb.taken_q_and_targets(q_tape, params, target_params, batch, gamma,
+                                                    scan)
     real = jnp.maximum(mask.sum(), 1)
     mean_abs_error = jnp.where(mask, jnp.abs(q_taken - target), 0.0).sum() / real
     return optax.huber_loss(mean_abs_error), {
