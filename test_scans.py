@@ -1367,3 +1367,30 @@ def test_ablations_change_one_function_and_leave_the_scripts_untouched():
     assert {m: dict(vars(m)) for m in (ffm, lru, lt, sbb)} == originals
     with pytest.raises(ValueError):
         abl.ablated_script("sbb_loss", "ffm")  # SBB only
+
+
+def test_official_log_becomes_a_curve_beside_ours(tmp_path):
+    spec = importlib.util.spec_from_file_location(
+        "official", os.path.join(HERE, "benchmarks", "official.py"))
+    official = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(official)
+    log = tmp_path / "paper.log"
+    log.write_text("progress\r 12%|##\n" + "".join(
+        f"EVAL,2026-01-01T00:00:00,{10.0 * e},epoch={e},train_epoch={max(0, e - 5000)},"
+        f"transitions_collected=51,transitions_trained=1000,eval_mean={r},eval_best={b},"
+        f"eval_min=0,eval_max=1,train_ep_reward=0,loss=0.1,eps=0.2,train_time_total=1\n"
+        for e, r, b in ((5001, -0.5, -0.5), (7500, 0.5, 0.5), (10000, 0.25, 0.5))))
+    rep = load_reproduce()
+    args = rep.parse_args(["--recipe", "paper", "--tasks", "RepeatFirstEasy", "--models", "ffm",
+                           "--batchings", "paper-tbb", "--seeds", "1", "--grid-dir",
+                           str(tmp_path / "grid"), "--figure", str(tmp_path / "f.png"),
+                           "--table", str(tmp_path / "t.md")])
+    out, cmd = rep.command("RepeatFirstEasy", "ffm", "paper-tbb", 1, args)
+    assert cmd is None  # never run by the grid
+    official.main([str(log), "--episode-length", "51", "--out", out])
+    (curve,) = rep.finished_curves("RepeatFirstEasy", "ffm", "paper-tbb", args)
+    np.testing.assert_array_equal(curve["global_step"], [5001 * 51, 7500 * 51, 10000 * 51])
+    np.testing.assert_array_equal(curve["updates"], [1, 2500, 5000])
+    rep.summarise(args)
+    row = [c.strip() for c in (tmp_path / "t.md").read_text().splitlines()[2].split("|")[1:-1]]
+    assert row[4].startswith("+0.250") and row[9].startswith("+0.500") and row[10] == "~1.0"

@@ -103,8 +103,9 @@ def parse_args(argv=None):
     if paper and not set(args.tasks) <= set(PAPER_TASKS):
         p.error(f"--recipe paper knows the tasks {', '.join(PAPER_TASKS)}")
     for b in args.batchings:
+        b = b.removeprefix("paper-")  # the paper's own code: plotted, never run (official.py)
         if b != "tbb" and not (b.startswith("sbb") and b[3:].isdigit() and int(b[3:]) > 0):
-            p.error(f"unknown batching {b!r}: use tbb or sbbL, e.g. sbb10")
+            p.error(f"unknown batching {b!r}: use tbb or sbbL, e.g. sbb10 (or paper-tbb ...)")
     return args
 
 
@@ -122,13 +123,16 @@ def task_flags(task, args, model=None):
 
 
 def command(task, model, batching, seed, args):
-    """The subprocess for one run: same flags for every batching, apart from the batching."""
+    """The subprocess for one run: same flags for every batching, apart from the batching.
+    None for the paper's own code (benchmarks/official.py puts its curves there)."""
+    out = os.path.join(args.grid_dir, task, model, batching, f"seed{seed}")
+    if batching.startswith("paper-"):
+        return out, None
     if batching == "tbb":
         script, batching_flags = TBB_SCRIPTS[model], []
     else:
         script, batching_flags = "sbb_baseline_dqn.py", ["--memory", model,
                                                          "--segment-length", batching[3:]]
-    out = os.path.join(args.grid_dir, task, model, batching, f"seed{seed}")
     flags, total = task_flags(task, args, model)
     env_id = PAPER_TASKS[task][0] if args.recipe == "paper" else task
     return out, [sys.executable, os.path.join(ROOT, script), "--env-id", env_id, "--seed",
@@ -170,7 +174,7 @@ def run_grid(args):
             for batching in args.batchings:
                 for seed in range(1, args.seeds + 1):
                     out, cmd = command(task, model, batching, seed, args)
-                    if not complete(out, task_flags(task, args)[1]):
+                    if cmd is not None and not complete(out, task_flags(task, args)[1]):
                         todo.append((out, cmd))
     print(f"{len(todo)} runs to do", flush=True)
 
@@ -220,7 +224,9 @@ def summarise(args):
                 returns = np.stack([c["eval_return"][:n] for c in curves])
                 mean, low, high = bootstrap_ci(returns, rng)
                 colour = COLOURS.get(batching)
-                label = "TBB" if batching == "tbb" else f"SBB, L = {batching[3:]}"
+                own = batching.removeprefix("paper-")
+                label = ("TBB" if own == "tbb" else f"SBB, L = {own[3:]}") + (
+                    ", the paper's code" if own != batching else "")
                 ax.plot(steps, mean, color=colour, label=label)
                 ax.fill_between(steps, low, high, color=colour, alpha=0.2)
                 # The paper plots the best eval so far; dashed, so that both can be compared.
@@ -234,7 +240,7 @@ def summarise(args):
                 # Compute is equal by construction: the same updates of the same B slots.
                 updates = np.mean([c["updates"][-1] for c in curves])
                 density = (np.mean([np.nanmean(c["density"]) for c in curves])
-                           if "density" in curves[0] else 1.0)
+                           if "density" in curves[0] else 1.0 if batching == "tbb" else np.nan)
                 minutes = np.mean([c["elapsed_s"][-1] for c in curves]) / 60
                 lines.append(f"| {task} | {model} | {batching} | {len(curves)} | "
                              f"{final[0]:+.3f} ({final[1]:+.3f}, {final[2]:+.3f}) | "

@@ -1,0 +1,64 @@
+"""Read a log of the paper's own code into our metrics.csv columns, to plot it beside our runs.
+
+The paper's code (proroklab/memory-monoids, tape_dqn.py / segment_dqn.py) prints little
+without wandb. Run it with one line added after its evaluation (never committed here), which
+prints, flushed, per evaluation:
+
+    EVAL,<time>,<seconds since start>,epoch=..,train_epoch=..,transitions_collected=..,
+    transitions_trained=..,eval_mean=..,eval_best=..,eval_min=..,eval_max=..,train_ep_reward=..,
+    loss=..,eps=..,train_time_total=..
+
+(one line; `epoch` counts episodes, random ones included; `train_epoch` counts updates). This
+script turns those lines into metrics.csv rows (global_step = epoch * --episode-length, as our
+runs count steps) under the folder where benchmarks/reproduce.py looks for batching
+`paper-<batching>`, e.g.:
+
+    python benchmarks/official.py paper.log --episode-length 51 \\
+        --out runs/reproduce_paper/RepeatFirstEasy/ffm/paper-tbb/seed1
+"""
+
+import argparse
+import csv
+import os
+import sys
+
+
+def read_evals(lines):
+    """The EVAL lines of a log as dicts of floats (plus elapsed_s)."""
+    rows = []
+    for line in lines:
+        if line.startswith("EVAL,"):
+            fields = line.strip().split(",")
+            row = {k: float(v) for k, v in (f.split("=") for f in fields[3:])}
+            rows.append(row | {"elapsed_s": float(fields[2])})
+    return rows
+
+
+def to_metrics(rows, episode_length):
+    return [{"global_step": int(r["epoch"]) * episode_length, "episodes": int(r["epoch"]),
+             "updates": int(r["train_epoch"]), "eval_return": r["eval_mean"],
+             "eval_best": r["eval_best"], "td_loss": r["loss"], "epsilon": r["eps"],
+             "elapsed_s": r["elapsed_s"]} for r in rows]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("log", help="a log of the paper's code with EVAL lines")
+    p.add_argument("--episode-length", type=int, required=True, help="T of the task's episodes")
+    p.add_argument("--out", required=True, help="run folder; metrics.csv goes in out/paper/")
+    args = p.parse_args(argv)
+    with open(args.log, errors="replace") as f:
+        rows = to_metrics(read_evals(f), args.episode_length)
+    if not rows:
+        sys.exit(f"official.py: error: no EVAL lines in {args.log}")
+    os.makedirs(os.path.join(args.out, "paper"), exist_ok=True)
+    with open(os.path.join(args.out, "paper", "metrics.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"{len(rows)} evaluations, last at episode {rows[-1]['episodes']}: eval mean "
+          f"{rows[-1]['eval_return']:+.3f}, best so far {rows[-1]['eval_best']:+.3f}")
+
+
+if __name__ == "__main__":
+    main()
