@@ -111,28 +111,26 @@ ABLATIONS = ("sbb_loss", "rescan_target", "lt_normaliser", "uniform_episodes")
 
 
 def main(argv):
+    fail = sbb.ffm_tbb_dqn.fail  # one line on stderr, exit code 2
     if not argv or argv[0] not in ABLATIONS:
-        sys.exit(f"ablations.py: error: the first argument must be one of {', '.join(ABLATIONS)}")
+        fail(f"the first argument must be one of {', '.join(ABLATIONS)}")
     ablation, flags = argv[0], argv[1:]
     if "--segment-length" in flags:
         args = sbb.parse_args(flags)
-        L = args.segment_length
-    else:
-        memory = flags[flags.index("--memory") + 1] if "--memory" in flags else "ffm"
-        if "--memory" in flags:
-            i = flags.index("--memory")
-            flags = flags[:i] + flags[i + 2:]
+    else:  # TBB: --memory picks the script, which does not know the flag itself
+        i = flags.index("--memory") if "--memory" in flags else len(flags)
+        memory, flags = (flags[i + 1:i + 2] or ["ffm"])[0], flags[:i] + flags[i + 2:]
+        if memory not in sbb.MEMORIES:
+            fail(f"--memory must be one of {', '.join(sbb.MEMORIES)}, got {memory!r}")
         args = sbb.load_script(memory).parse_args(flags)
-        args.memory, L = memory, None
+        args.memory, args.segment_length = memory, None
     try:
-        script = ablated_script(ablation, args.memory, L)
+        script = ablated_script(ablation, args.memory, args.segment_length)
     except ValueError as e:
-        sys.exit(f"ablations.py: error: {e}")
+        fail(str(e))
     args.exp_name = f"{args.exp_name}_{ablation}"
-    if L is None:
-        return script.train(args)
-    # SBB's own checks (ring size) and the swapped TBB train
-    return sbb.train(args, script)
+    # SBB's train checks its ring, then runs the swapped script's train
+    return script.train(args) if args.segment_length is None else sbb.train(args, script)
 
 
 if __name__ == "__main__":
