@@ -1162,14 +1162,18 @@ def test_vml_recovers_a_known_linear_dependence():
     assert vml.value_memory_length(sens, 1.0)[1] == 8
 
 
-def test_vml_sensitivity_is_zero_across_an_episode_start():
-    ffm_params = net_params("ffm")
+@pytest.mark.parametrize("model", NETWORKS)
+def test_vml_sensitivity_is_zero_across_an_episode_start(model):
+    params, module = net_params(model), NETWORKS[model][0]
     obs, _, _ = random_tape_obs([6, 9], seed=5)
     start = jnp.asarray(episode_starts([6, 9]))
-    q_fn = jax.jit(lambda o: ffm.q_tape(ffm_params, o, o, start[: o.shape[0]], "sequential")[0])
+    q_fn = jax.jit(lambda o: module.q_tape(params, o, o, start[: o.shape[0]], "sequential")[0])
     for t in (6, 10, 14):  # steps of the second episode, which starts at 6
         sens = vml.sensitivity(q_fn, obs, t)
-        assert np.all(sens[t - 6 + 1 :] == 0.0) and np.all(sens[: t - 6 + 1] > 0.0)
+        assert np.all(sens[t - 6 + 1:] == 0.0) and np.all(sens[: t - 6 + 1] > 0.0)
+    # vml's own Q of one episode is the network's on that episode
+    np.testing.assert_allclose(vml.q_fn_of(module, params)(jnp.asarray(obs[6:])),
+                               q_fn(jnp.asarray(obs))[6:], rtol=1e-5, atol=1e-5)
 
 
 def test_vml_script_smoke(tmp_path):
