@@ -1370,6 +1370,24 @@ def test_ablations_change_one_function_and_leave_the_scripts_untouched():
     first = jax.vmap(lambda k: abl.sample_uniform_episodes(tape, k, 20)[0].obs[0, 0])(keys)
     np.testing.assert_allclose(np.bincount(np.asarray(first).astype(int), minlength=5) / 4000,
                                0.2, atol=0.025)
+    # Paper network: the paper code's FFM parameter count (430,537, counted in its own code with
+    # RepeatFirstEasy's 6 inputs and 4 actions; ours 365,257), and a head that starts 10x smaller
+    net = abl.ablated_script("paper_network", "ffm")
+    args = net.parse_args([])
+    count = lambda p: sum(leaf.size for leaf in jax.tree.leaves(p))  # noqa: E731
+    assert count(ffm.init_params(jax.random.PRNGKey(0), 6, 4, args)) == 365_257
+    paper_params = net.init_params(jax.random.PRNGKey(0), 6, 4, args)
+    assert count(paper_params) == 430_537
+    y = jnp.asarray(np.random.default_rng(1).normal(size=(5, 256)), jnp.float32)
+    h = y
+    for name in ("block0", "block1"):  # numpy reference of its QHead
+        z = np.asarray(h) @ np.asarray(paper_params["head"][name]["w"]) + np.asarray(
+            paper_params["head"][name]["b"])
+        z = (z - z.mean(-1, keepdims=True)) / np.sqrt(z.var(-1, keepdims=True) + 1e-5)
+        h = np.where(z > 0, z, 0.01 * z)
+    v, a = (h @ np.asarray(paper_params["head"][n]["w"]) for n in ("value", "advantage"))
+    np.testing.assert_allclose(np.asarray(net.q_head(paper_params, y)),
+                               v + a - a.mean(-1, keepdims=True), rtol=1e-4, atol=1e-6)
     # Each ablated script is a private copy with exactly that function swapped
     script = abl.ablated_script("lt_normaliser", "linear_transformer")
     assert script.attention is abl.paper_attention and lt.attention is not abl.paper_attention

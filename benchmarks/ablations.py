@@ -13,6 +13,15 @@ modules stay untouched), replaces one function with what the paper's code
                     (linear transformer only)
   uniform_episodes  training tapes of episodes drawn uniformly, not in proportion to their
                     length (TBB only)
+  paper_network     the paper code's embedding and Q head (modules.py): LayerNorm without a
+                    learned scale and bias, and a head of two Linear-LayerNorm-leaky-ReLU blocks
+                    whose value and advantage layers start 10x smaller (uniform in
+                    +-0.1/sqrt(fan-in), zero bias), not one Linear-leaky-ReLU layer. The
+                    memories' own layers stay ours; with FFM this gives the paper's parameter
+                    count (430,537 at the default sizes, ours 365,257)
+
+The paper's collection (one env, one whole episode with the current network before each update)
+needs no code: it is the flags --num-envs 1 --train-frequency <episode length>.
 
 Run:   python benchmarks/ablations.py sbb_loss --memory ffm --segment-length 50 [script flags]
        python benchmarks/ablations.py rescan_target --memory lru [script flags]    (TBB)
@@ -79,6 +88,44 @@ def sample_uniform_episodes(tape, key, batch_size):
     return jax.tree.map(lambda column: column[idx], tape.steps), offset == 0
 
 
+def paper_network(script):
+    """Swap the script's embedding and Q head for the paper code's (Block and QHead)."""
+    init = script.init_params
+
+    def init_params(key, obs_dim, num_actions, args):
+        params, width = init(key, obs_dim, num_actions, args), args.hidden_size
+        del params["embed_ln"]  # its LayerNorms have no scale and bias
+        k = jax.random.split(jax.random.fold_in(key, 1), 6)
+
+        def eqx_linear(kw, kb, n_in, n_out):  # equinox's default: weight and bias uniform
+            bound = 1.0 / jnp.sqrt(n_in)
+            return {"w": jax.random.uniform(kw, (n_in, n_out), minval=-bound, maxval=bound),
+                    "b": jax.random.uniform(kb, (n_out,), minval=-bound, maxval=bound)}
+
+        def small_linear(kw, n_in, n_out):  # its final_linear: variance scale 0.01, zero bias
+            return {"w": 0.1 * script.init_linear(kw, n_in, n_out)["w"], "b": jnp.zeros(n_out)}
+
+        params["head"] = {"block0": eqx_linear(k[0], k[1], width, width),
+                          "block1": eqx_linear(k[2], k[3], width, width),
+                          "value": small_linear(k[4], width, 1),
+                          "advantage": small_linear(k[5], width, num_actions)}
+        return params
+
+    def block(p, x):
+        return jax.nn.leaky_relu(script.layer_norm(script.linear(p, x)))
+
+    def embed(params, obs):
+        return block(params["embed"], obs)
+
+    def q_head(params, y):
+        p = params["head"]
+        hidden = block(p["block1"], block(p["block0"], y))
+        advantage = script.linear(p["advantage"], hidden)
+        return script.linear(p["value"], hidden) + advantage - advantage.mean(-1, keepdims=True)
+
+    script.init_params, script.embed, script.q_head = init_params, embed, q_head
+
+
 def ablated_script(ablation, memory, segment_length=None):
     """A private copy of the script (TBB, or SBB with `segment_length`) with one change."""
     if segment_length is None:
@@ -102,12 +149,14 @@ def ablated_script(ablation, memory, segment_length=None):
             script.td_loss = partial(sbb.masked_td_loss, rescanned(script.q_tape))
     elif ablation == "sbb_loss":
         script.td_loss = partial(paper_sbb_loss, script.q_tape)
+    elif ablation == "paper_network":
+        paper_network(script)
     else:
         raise ValueError(f"unknown ablation {ablation!r}")
     return script
 
 
-ABLATIONS = ("sbb_loss", "rescan_target", "lt_normaliser", "uniform_episodes")
+ABLATIONS = ("sbb_loss", "rescan_target", "lt_normaliser", "uniform_episodes", "paper_network")
 
 
 def main(argv):
