@@ -1249,6 +1249,29 @@ def test_reproduce_runs_differ_only_in_batching(tmp_path):
                 assert strip_run_flags(flags[batching], model, batching) == reference
 
 
+def test_reproduce_variants_swap_one_thing(tmp_path, capsys):
+    """tbb+ablation runs ablations.py; +one_env adds --num-envs 1; nothing else changes."""
+    rep = load_reproduce()
+    batchings = ["tbb", "tbb+paper_network+one_env", "sbb50", "sbb50+sbb_loss"]
+    args = rep.parse_args(["--recipe", "paper", "--tasks", "CountRecallEasy", "--models", "lru",
+                           "--grid-dir", str(tmp_path), "--batchings", *batchings])
+    cmds = {b: rep.command("CountRecallEasy", "lru", b, 1, args)[1] for b in batchings}
+    variant = cmds["tbb+paper_network+one_env"]
+    assert variant[1].endswith(os.path.join("benchmarks", "ablations.py"))
+    assert variant[2] == "paper_network" and variant[-4:] == ["--memory", "lru", "--num-envs", "1"]
+    assert strip_run_flags(variant[3:-4], "lru", "tbb") == strip_run_flags(
+        cmds["tbb"][2:], "lru", "tbb")
+    sbb_variant = cmds["sbb50+sbb_loss"]
+    assert sbb_variant[2] == "sbb_loss" and sbb_variant[-4:] == [
+        "--memory", "lru", "--segment-length", "50"]
+    assert strip_run_flags(sbb_variant[3:], "lru", "sbb50") == strip_run_flags(
+        cmds["sbb50"][2:], "lru", "sbb50")
+    for bad in ("tbb+fast", "tbb+sbb_loss+paper_network"):
+        with pytest.raises(SystemExit) as e:
+            rep.parse_args(["--batchings", bad])
+        assert e.value.code == 2 and bad in capsys.readouterr().err
+
+
 def write_fake_run(out, steps, returns, density=None):
     run_dir = os.path.join(out, "Task__x__1__0")
     os.makedirs(run_dir)

@@ -10,7 +10,10 @@ writes a table of final and area-under-curve returns.
     python benchmarks/reproduce.py --recipe paper --tasks CountRecallEasy --models ffm
                                                  # the paper's own settings, task by task
 
-A run whose metrics.csv already reaches --total-timesteps is skipped, so the grid resumes.
+A batching may carry variants after "+": an ablation of benchmarks/ablations.py (e.g.
+tbb+paper_network) or one_env (the paper's collection: one env, --num-envs 1), e.g.
+tbb+paper_network+one_env. A run whose metrics.csv already reaches --total-timesteps is
+skipped, so the grid resumes.
 """
 
 import argparse
@@ -24,11 +27,13 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ABLATIONS = ("sbb_loss", "rescan_target", "lt_normaliser", "uniform_episodes", "paper_network")
 TBB_SCRIPTS = {"ffm": "ffm_tbb_dqn.py", "lru": "lru_tbb_dqn.py",
                "linear_transformer": "linear_transformer_tbb_dqn.py"}
 # The paper's settings that differ by task (its RepeatPrevious runs use gamma 0.5 and
 # epsilon 0.2 -> 0.1; everything else gamma 0.99 and the scripts' defaults).
 TASK_FLAGS = {"RepeatPreviousEasy": ["--gamma", "0.5", "--end-e", "0.1"]}
+FLAG_VARIANTS = {"one_env": ["--num-envs", "1"]}  # variants that are flags of the scripts
 COLOURS = {"tbb": "tab:blue", "sbb10": "tab:orange", "sbb20": "tab:olive", "sbb50": "tab:red",
            "sbb100": "tab:purple"}
 
@@ -102,10 +107,15 @@ def parse_args(argv=None):
     args.table = args.table or os.path.join("figures", f"tbb_vs_sbb{suffix}.md")
     if paper and not set(args.tasks) <= set(PAPER_TASKS):
         p.error(f"--recipe paper knows the tasks {', '.join(PAPER_TASKS)}")
-    for b in args.batchings:
-        b = b.removeprefix("paper-")  # the paper's own code: plotted, never run (official.py)
+    for batching in args.batchings:
+        b, *variants = batching.removeprefix("paper-").split("+")  # paper-: the paper's own
+        # code, plotted, never run (official.py)
         if b != "tbb" and not (b.startswith("sbb") and b[3:].isdigit() and int(b[3:]) > 0):
             p.error(f"unknown batching {b!r}: use tbb or sbbL, e.g. sbb10 (or paper-tbb ...)")
+        ablations = [v for v in variants if v not in FLAG_VARIANTS]
+        if len(ablations) > 1 or not set(ablations) <= set(ABLATIONS):
+            p.error(f"{batching}: the variants after + are one_env and at most one of "
+                    f"{', '.join(ABLATIONS)}")
     return args
 
 
@@ -128,16 +138,23 @@ def command(task, model, batching, seed, args):
     out = os.path.join(args.grid_dir, task, model, batching, f"seed{seed}")
     if batching.startswith("paper-"):
         return out, None
-    if batching == "tbb":
+    base, *variants = batching.split("+")
+    if base == "tbb":
         script, batching_flags = TBB_SCRIPTS[model], []
     else:
         script, batching_flags = "sbb_baseline_dqn.py", ["--memory", model,
-                                                         "--segment-length", batching[3:]]
+                                                         "--segment-length", base[3:]]
+    ablation = [v for v in variants if v not in FLAG_VARIANTS]
+    if ablation:  # ablations.py runs the script with one function swapped
+        script = os.path.join("benchmarks", "ablations.py")
+        batching_flags = [*ablation, "--memory", model, *batching_flags[2:]]
+    batching_flags += [f for v in variants for f in FLAG_VARIANTS.get(v, [])]
     flags, total = task_flags(task, args, model)
     env_id = PAPER_TASKS[task][0] if args.recipe == "paper" else task
-    return out, [sys.executable, os.path.join(ROOT, script), "--env-id", env_id, "--seed",
-                 str(seed), "--total-timesteps", str(total), "--exp-name", batching,
-                 "--output-dir", out, *flags, *batching_flags, *args.extra.split()]
+    return out, [sys.executable, os.path.join(ROOT, script), *batching_flags[:len(ablation)],
+                 "--env-id", env_id, "--seed", str(seed), "--total-timesteps", str(total),
+                 "--exp-name", base, "--output-dir", out, *flags,
+                 *batching_flags[len(ablation):], *args.extra.split()]
 
 
 def read_curve(out):
@@ -224,9 +241,10 @@ def summarise(args):
                 returns = np.stack([c["eval_return"][:n] for c in curves])
                 mean, low, high = bootstrap_ci(returns, rng)
                 colour = COLOURS.get(batching)
-                own = batching.removeprefix("paper-")
-                label = ("TBB" if own == "tbb" else f"SBB, L = {own[3:]}") + (
-                    ", the paper's code" if own != batching else "")
+                own, *variants = batching.removeprefix("paper-").split("+")
+                label = ("TBB" if own == "tbb" else f"SBB, L = {own[3:]}") + "".join(
+                    f" + {v}" for v in variants) + (
+                    ", the paper's code" if batching.startswith("paper-") else "")
                 ax.plot(steps, mean, color=colour, label=label)
                 ax.fill_between(steps, low, high, color=colour, alpha=0.2)
                 # The paper plots the best eval so far; dashed, so that both can be compared.
@@ -234,7 +252,7 @@ def summarise(args):
                 ax.plot(steps, best.mean(axis=0), color=colour, linestyle="--", linewidth=0.8)
                 final_best = bootstrap_ci(best[:, -1], rng)
                 paper = PAPER_FIG3.get((task, model), {})
-                paper = paper.get(batching, paper.get("sbb" if batching != "tbb" else "", ""))
+                paper = paper.get(own, paper.get("sbb" if own != "tbb" else "", ""))
                 final = bootstrap_ci(returns[:, -1], rng)
                 auc = bootstrap_ci(returns.mean(axis=1), rng)
                 # Compute is equal by construction: the same updates of the same B slots.
