@@ -1313,6 +1313,7 @@ def test_reproduce_resumes_and_tabulates(tmp_path, monkeypatch):
     assert tbb[5].startswith(f"{np.mean([0.5, 0.25]):+.3f}")  # area: the mean of each curve
     assert sbb10[4].startswith("+0.250 (+0.250, +0.250)")
     assert tbb[7] == "1.00" and sbb10[7] == "0.80" and tbb[6] == "20" and tbb[8] == "2.0"
+    assert tbb[11] == "20, never" and sbb10[11] == "never"  # updates to the first eval >= 0.9
     assert (tmp_path / "f.png").stat().st_size > 0
 
 

@@ -213,6 +213,12 @@ def finished_curves(task, model, batching, args):
     return [c for c in curves if c is not None and c["global_step"][-1] >= total]
 
 
+def first_reaching(curve, level):
+    """Updates before the first evaluation at `level` or more (how fast), or "never"."""
+    reached = np.flatnonzero(curve["eval_return"] >= level)
+    return f"{curve['updates'][reached[0]]:,.0f}" if reached.size else "never"
+
+
 def summarise(args):
     """One panel per (model, task), one colour per batching; a markdown table of the same runs."""
     runs = {(m, t, b): finished_curves(t, m, b, args)
@@ -227,8 +233,9 @@ def summarise(args):
     rows, cols = len(args.models), len(args.tasks)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), squeeze=False)
     lines = ["| task | model | batching | seeds | final return (95% CI) | area under curve (95% CI)"
-             " | updates | density | minutes per run | final best-so-far (95% CI) | paper |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             " | updates | density | minutes per run | final best-so-far (95% CI) | paper |"
+             " updates to the first eval >= 0.9, per seed |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for i, model in enumerate(args.models):
         for j, task in enumerate(args.tasks):
             ax = axes[i][j]
@@ -265,7 +272,8 @@ def summarise(args):
                              f"{auc[0]:+.3f} ({auc[1]:+.3f}, {auc[2]:+.3f}) | "
                              f"{updates:,.0f} | {density:.2f} | {minutes:.1f} | "
                              f"{final_best[0]:+.3f} ({final_best[1]:+.3f}, {final_best[2]:+.3f})"
-                             f" | {paper if args.recipe == 'paper' else ''} |")
+                             f" | {paper if args.recipe == 'paper' else ''} | "
+                             f"{', '.join(first_reaching(c, 0.9) for c in curves)} |")
             ax.set_title(f"{task} ({model})", fontsize=10)
             ax.set(xlabel="environment steps" if i == rows - 1 else None,
                    ylabel="mean greedy eval return" if j == 0 else None)
