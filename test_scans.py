@@ -1266,7 +1266,7 @@ def test_reproduce_variants_swap_one_thing(tmp_path, capsys):
         "--memory", "lru", "--segment-length", "50"]
     assert strip_run_flags(sbb_variant[3:], "lru", "sbb50") == strip_run_flags(
         cmds["sbb50"][2:], "lru", "sbb50")
-    for bad in ("tbb+fast", "tbb+sbb_loss+paper_network"):
+    for bad in ("tbb+fast", "sbb10+paper_network+fast"):
         with pytest.raises(SystemExit) as e:
             rep.parse_args(["--batchings", bad])
         assert e.value.code == 2 and bad in capsys.readouterr().err
@@ -1412,6 +1412,19 @@ def test_ablations_change_one_function_and_leave_the_scripts_untouched():
     v, a = (h @ np.asarray(paper_params["head"][n]["w"]) for n in ("value", "advantage"))
     np.testing.assert_allclose(np.asarray(net.q_head(paper_params, y)),
                                v + a - a.mean(-1, keepdims=True), rtol=1e-4, atol=1e-6)
+    # Fixed eval seeds: every evaluation starts the same episodes (ours: fresh ones)
+    make_env, _ = ffm.resolve_env("RepeatFirstEasy")
+    eval_params = ffm.init_params(jax.random.PRNGKey(0), 6, 4, args)
+    for script, same in ((ffm, False), (abl.ablated_script("fixed_eval_seeds", "ffm"), True)):
+        envs = ffm.make_vector_env(make_env, 12)
+        envs.reset(seed=5)
+        starts, reset = [], envs.reset
+        envs.reset = lambda **kw: starts.append(reset(**kw)) or starts[-1]  # noqa: B023
+        first_obs = []  # what each evaluation played from: its last reset
+        for _ in range(2):
+            script.evaluate(eval_params, envs, 12)
+            first_obs.append(starts[-1][0])
+        assert np.array_equal(first_obs[0], first_obs[1]) == same
     # Each ablated script is a private copy with exactly that function swapped
     script = abl.ablated_script("lt_normaliser", "linear_transformer")
     assert script.attention is abl.paper_attention and lt.attention is not abl.paper_attention

@@ -19,12 +19,15 @@ modules stay untouched), replaces one function with what the paper's code
                     +-0.1/sqrt(fan-in), zero bias), not one Linear-leaky-ReLU layer. The
                     memories' own layers stay ours; with FFM this gives the paper's parameter
                     count (430,537 at the default sizes, ours 365,257)
+  fixed_eval_seeds  every evaluation plays the same episodes (the paper's fixed eval seeds), not
+                    fresh ones; reproduce.py plots the best-so-far curve of any run
 
 The paper's collection (one env, one whole episode with the current network before each update)
 needs no code: it is the flags --num-envs 1 --train-frequency <episode length>.
 
 Run:   python benchmarks/ablations.py sbb_loss --memory ffm --segment-length 50 [script flags]
        python benchmarks/ablations.py rescan_target --memory lru [script flags]    (TBB)
+       python benchmarks/ablations.py paper_network+fixed_eval_seeds [script flags]  (several)
 --segment-length picks SBB; without it the run is TBB. Every other flag is the script's.
 """
 
@@ -126,43 +129,57 @@ def paper_network(script):
     script.init_params, script.embed, script.q_head = init_params, embed, q_head
 
 
-def ablated_script(ablation, memory, segment_length=None):
-    """A private copy of the script (TBB, or SBB with `segment_length`) with one change."""
-    if segment_length is None:
-        if ablation in ("sbb_loss",):
+def fixed_seed_evaluation(script):
+    """Evaluate on the same episodes every time (the paper code's fixed eval seeds): reseed the
+    eval envs before the script's own reset, whose episodes then repeat."""
+    evaluate = script.evaluate
+
+    def evaluate_fixed(params, eval_envs, num_episodes):
+        eval_envs.reset(seed=1000)
+        return evaluate(params, eval_envs, num_episodes)
+
+    script.evaluate = evaluate_fixed
+
+
+def ablated_script(ablations, memory, segment_length=None):
+    """A private copy of the script (TBB, or SBB with `segment_length`) with the changes named in
+    `ablations` ("+"-joined names, e.g. "paper_network+fixed_eval_seeds")."""
+    tbb = segment_length is None
+    script = sbb.load_script(memory) if tbb else sbb.segment_script(memory, segment_length)
+    for ablation in ablations.split("+"):
+        if ablation == "sbb_loss" and tbb:
             raise ValueError(f"{ablation} changes SBB only: give --segment-length")
-        script = sbb.load_script(memory)
-    else:
-        if ablation == "uniform_episodes":
+        if ablation == "uniform_episodes" and not tbb:
             raise ValueError("uniform_episodes changes TBB only: leave out --segment-length")
-        script = sbb.segment_script(memory, segment_length)
-    if ablation == "lt_normaliser":
-        if memory != "linear_transformer":
+        if ablation == "lt_normaliser" and memory != "linear_transformer":
             raise ValueError("lt_normaliser changes the linear transformer only")
-        script.attention = paper_attention
-    elif ablation == "uniform_episodes":
-        script.sample_tape = sample_uniform_episodes
-    elif ablation == "rescan_target":
-        if segment_length is None:
+        if ablation == "lt_normaliser":
+            script.attention = paper_attention
+        elif ablation == "uniform_episodes":
+            script.sample_tape = sample_uniform_episodes
+        elif ablation == "rescan_target" and tbb:
             script.q_tape = rescanned(script.q_tape)
-        else:
+        elif ablation == "rescan_target":
             script.td_loss = partial(sbb.masked_td_loss, rescanned(script.q_tape))
-    elif ablation == "sbb_loss":
-        script.td_loss = partial(paper_sbb_loss, script.q_tape)
-    elif ablation == "paper_network":
-        paper_network(script)
-    else:
-        raise ValueError(f"unknown ablation {ablation!r}")
+        elif ablation == "sbb_loss":
+            script.td_loss = partial(paper_sbb_loss, script.q_tape)
+        elif ablation == "paper_network":
+            paper_network(script)
+        elif ablation == "fixed_eval_seeds":
+            fixed_seed_evaluation(script)
+        else:
+            raise ValueError(f"unknown ablation {ablation!r}; known: {', '.join(ABLATIONS)}")
     return script
 
 
-ABLATIONS = ("sbb_loss", "rescan_target", "lt_normaliser", "uniform_episodes", "paper_network")
+ABLATIONS = ("sbb_loss", "rescan_target", "lt_normaliser", "uniform_episodes", "paper_network",
+             "fixed_eval_seeds")
 
 
 def main(argv):
     fail = sbb.ffm_tbb_dqn.fail  # one line on stderr, exit code 2
-    if not argv or argv[0] not in ABLATIONS:
-        fail(f"the first argument must be one of {', '.join(ABLATIONS)}")
+    if not argv or not set(argv[0].split("+")) <= set(ABLATIONS):
+        fail(f"the first argument must be one or more of {', '.join(ABLATIONS)}, joined by +")
     ablation, flags = argv[0], argv[1:]
     if "--segment-length" in flags:
         args = sbb.parse_args(flags)
@@ -177,7 +194,7 @@ def main(argv):
         script = ablated_script(ablation, args.memory, args.segment_length)
     except ValueError as e:
         fail(str(e))
-    args.exp_name = f"{args.exp_name}_{ablation}"
+    args.exp_name = f"{args.exp_name}_{ablation.replace('+', '_')}"
     # SBB's train checks its ring, then runs the swapped script's train
     return script.train(args) if args.segment_length is None else sbb.train(args, script)
 

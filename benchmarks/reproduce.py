@@ -10,8 +10,8 @@ writes a table of final and area-under-curve returns.
     python benchmarks/reproduce.py --recipe paper --tasks CountRecallEasy --models ffm
                                                  # the paper's own settings, task by task
 
-A batching may carry variants after "+": an ablation of benchmarks/ablations.py (e.g.
-tbb+paper_network) or one_env (the paper's collection: one env, --num-envs 1), e.g.
+A batching may carry variants after "+": ablations of benchmarks/ablations.py (e.g.
+tbb+paper_network) and one_env (the paper's collection: one env, --num-envs 1), e.g.
 tbb+paper_network+one_env. A run whose metrics.csv already reaches --total-timesteps is
 skipped, so the grid resumes.
 """
@@ -27,7 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ABLATIONS = ("sbb_loss", "rescan_target", "lt_normaliser", "uniform_episodes", "paper_network")
+ABLATIONS = ("sbb_loss", "rescan_target", "lt_normaliser", "uniform_episodes", "paper_network",
+             "fixed_eval_seeds")  # benchmarks/ablations.py's
 TBB_SCRIPTS = {"ffm": "ffm_tbb_dqn.py", "lru": "lru_tbb_dqn.py",
                "linear_transformer": "linear_transformer_tbb_dqn.py"}
 # The paper's settings that differ by task (its RepeatPrevious runs use gamma 0.5 and
@@ -112,9 +113,8 @@ def parse_args(argv=None):
         # code, plotted, never run (official.py)
         if b != "tbb" and not (b.startswith("sbb") and b[3:].isdigit() and int(b[3:]) > 0):
             p.error(f"unknown batching {b!r}: use tbb or sbbL, e.g. sbb10 (or paper-tbb ...)")
-        ablations = [v for v in variants if v not in FLAG_VARIANTS]
-        if len(ablations) > 1 or not set(ablations) <= set(ABLATIONS):
-            p.error(f"{batching}: the variants after + are one_env and at most one of "
+        if not set(variants) <= set(ABLATIONS) | set(FLAG_VARIANTS):
+            p.error(f"{batching}: the variants after + are {', '.join(FLAG_VARIANTS)} and "
                     f"{', '.join(ABLATIONS)}")
     return args
 
@@ -144,17 +144,17 @@ def command(task, model, batching, seed, args):
     else:
         script, batching_flags = "sbb_baseline_dqn.py", ["--memory", model,
                                                          "--segment-length", base[3:]]
-    ablation = [v for v in variants if v not in FLAG_VARIANTS]
-    if ablation:  # ablations.py runs the script with one function swapped
+    ablation = "+".join(v for v in variants if v not in FLAG_VARIANTS)
+    if ablation:  # ablations.py runs the script with those functions swapped
         script = os.path.join("benchmarks", "ablations.py")
-        batching_flags = [*ablation, "--memory", model, *batching_flags[2:]]
+        batching_flags = ["--memory", model, *batching_flags[2:]]
     batching_flags += [f for v in variants for f in FLAG_VARIANTS.get(v, [])]
     flags, total = task_flags(task, args, model)
     env_id = PAPER_TASKS[task][0] if args.recipe == "paper" else task
-    return out, [sys.executable, os.path.join(ROOT, script), *batching_flags[:len(ablation)],
+    return out, [sys.executable, os.path.join(ROOT, script), *[ablation][:bool(ablation)],
                  "--env-id", env_id, "--seed", str(seed), "--total-timesteps", str(total),
-                 "--exp-name", base, "--output-dir", out, *flags,
-                 *batching_flags[len(ablation):], *args.extra.split()]
+                 "--exp-name", base, "--output-dir", out, *flags, *batching_flags,
+                 *args.extra.split()]
 
 
 def read_curve(out):
