@@ -1414,15 +1414,16 @@ def test_ablations_change_one_function_and_leave_the_scripts_untouched():
                                v + a - a.mean(-1, keepdims=True), rtol=1e-4, atol=1e-6)
     # Fixed eval seeds: every evaluation starts the same episodes (ours: fresh ones)
     make_env, _ = ffm.resolve_env("RepeatFirstEasy")
-    eval_params = ffm.init_params(jax.random.PRNGKey(0), 6, 4, args)
+    eval_params = ffm.init_params(jax.random.PRNGKey(0), 6, 4, ffm.parse_args(
+        ["--hidden-size", "16", "--trace-size", "4", "--context-size", "2"]))
     for script, same in ((ffm, False), (abl.ablated_script("fixed_eval_seeds", "ffm"), True)):
-        envs = ffm.make_vector_env(make_env, 12)
+        envs = ffm.make_vector_env(make_env, 8)
         envs.reset(seed=5)
         starts, reset = [], envs.reset
         envs.reset = lambda **kw: starts.append(reset(**kw)) or starts[-1]  # noqa: B023
         first_obs = []  # what each evaluation played from: its last reset
         for _ in range(2):
-            script.evaluate(eval_params, envs, 12)
+            script.evaluate(eval_params, envs, 8)
             first_obs.append(starts[-1][0])
         assert np.array_equal(first_obs[0], first_obs[1]) == same
     # Each ablated script is a private copy with exactly that function swapped

@@ -36,7 +36,9 @@ TBB_SCRIPTS = {"ffm": "ffm_tbb_dqn.py", "lru": "lru_tbb_dqn.py",
 TASK_FLAGS = {"RepeatPreviousEasy": ["--gamma", "0.5", "--end-e", "0.1"]}
 FLAG_VARIANTS = {"one_env": ["--num-envs", "1"]}  # variants that are flags of the scripts
 COLOURS = {"tbb": "tab:blue", "sbb10": "tab:orange", "sbb20": "tab:olive", "sbb50": "tab:red",
-           "sbb100": "tab:purple"}
+           "sbb100": "tab:purple", "paper-tbb": "black", "paper-sbb50": "tab:gray",
+           "tbb+paper_network": "tab:cyan", "sbb50+paper_network": "tab:pink",
+           "tbb+one_env": "tab:brown", "tbb+paper_network+one_env": "tab:green"}
 
 # --recipe paper: the settings of the paper's experiment configs (experiments/<task>/*.yaml of
 # proroklab/memory-monoids) as flags of our scripts. Every task here has fixed-length episodes
