@@ -1412,6 +1412,13 @@ def test_ablations_change_one_function_and_leave_the_scripts_untouched():
     v, a = (h @ np.asarray(paper_params["head"][n]["w"]) for n in ("value", "advantage"))
     np.testing.assert_allclose(np.asarray(net.q_head(paper_params, y)),
                                v + a - a.mean(-1, keepdims=True), rtol=1e-4, atol=1e-6)
+    # Small head init: our network, Q exactly 10x smaller at the start (V, A are linear, no bias)
+    small = abl.ablated_script("small_head_init", "ffm")
+    ours_q = ffm.q_head(ffm.init_params(jax.random.PRNGKey(0), 6, 4, args), y)
+    small_params = small.init_params(jax.random.PRNGKey(0), 6, 4, args)
+    np.testing.assert_allclose(np.asarray(small.q_head(small_params, y)),
+                               0.1 * np.asarray(ours_q), rtol=1e-4, atol=1e-7)
+    assert count(small_params) == 365_257
     # Fixed eval seeds: every evaluation starts the same episodes (ours: fresh ones)
     make_env, _ = ffm.resolve_env("RepeatFirstEasy")
     eval_params = ffm.init_params(jax.random.PRNGKey(0), 6, 4, ffm.parse_args(

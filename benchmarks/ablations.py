@@ -19,6 +19,8 @@ modules stay untouched), replaces one function with what the paper's code
                     +-0.1/sqrt(fan-in), zero bias), not one Linear-leaky-ReLU layer. The
                     memories' own layers stay ours; with FFM this gives the paper's parameter
                     count (430,537 at the default sizes, ours 365,257)
+  small_head_init   our network, with only the value and advantage layers starting 10x smaller
+                    (one part of paper_network)
   fixed_eval_seeds  every evaluation plays the same episodes (the paper's fixed eval seeds), not
                     fresh ones; reproduce.py plots the best-so-far curve of any run
 
@@ -129,6 +131,21 @@ def paper_network(script):
     script.init_params, script.embed, script.q_head = init_params, embed, q_head
 
 
+def small_head_init(script):
+    """Our network, but its value and advantage layers start 10x smaller (the one part of the
+    paper code's head that is an initialisation, not a layer): which part of paper_network
+    matters."""
+    init = script.init_params
+
+    def init_params(key, obs_dim, num_actions, args):
+        params = init(key, obs_dim, num_actions, args)
+        for name in ("value", "advantage"):
+            params["head"][name]["w"] = 0.1 * params["head"][name]["w"]
+        return params
+
+    script.init_params = init_params
+
+
 def fixed_seed_evaluation(script):
     """Evaluate on the same episodes every time (the paper code's fixed eval seeds): reseed the
     eval envs before the script's own reset, whose episodes then repeat."""
@@ -165,6 +182,8 @@ def ablated_script(ablations, memory, segment_length=None):
             script.td_loss = partial(paper_sbb_loss, script.q_tape)
         elif ablation == "paper_network":
             paper_network(script)
+        elif ablation == "small_head_init":
+            small_head_init(script)
         elif ablation == "fixed_eval_seeds":
             fixed_seed_evaluation(script)
         else:
@@ -173,7 +192,7 @@ def ablated_script(ablations, memory, segment_length=None):
 
 
 ABLATIONS = ("sbb_loss", "rescan_target", "lt_normaliser", "uniform_episodes", "paper_network",
-             "fixed_eval_seeds")
+             "small_head_init", "fixed_eval_seeds")
 
 
 def main(argv):

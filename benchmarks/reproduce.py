@@ -28,7 +28,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ABLATIONS = ("sbb_loss", "rescan_target", "lt_normaliser", "uniform_episodes", "paper_network",
-             "fixed_eval_seeds")  # benchmarks/ablations.py's
+             "small_head_init", "fixed_eval_seeds")  # benchmarks/ablations.py's
 TBB_SCRIPTS = {"ffm": "ffm_tbb_dqn.py", "lru": "lru_tbb_dqn.py",
                "linear_transformer": "linear_transformer_tbb_dqn.py"}
 # The paper's settings that differ by task (its RepeatPrevious runs use gamma 0.5 and
@@ -38,7 +38,8 @@ FLAG_VARIANTS = {"one_env": ["--num-envs", "1"]}  # variants that are flags of t
 COLOURS = {"tbb": "tab:blue", "sbb10": "tab:orange", "sbb20": "tab:olive", "sbb50": "tab:red",
            "sbb100": "tab:purple", "paper-tbb": "black", "paper-sbb50": "tab:gray",
            "tbb+paper_network": "tab:cyan", "sbb50+paper_network": "tab:pink",
-           "tbb+one_env": "tab:brown", "tbb+paper_network+one_env": "tab:green"}
+           "tbb+one_env": "tab:brown", "tbb+paper_network+one_env": "tab:green",
+           "tbb+small_head_init": "tab:olive"}
 
 # --recipe paper: the settings of the paper's experiment configs (experiments/<task>/*.yaml of
 # proroklab/memory-monoids) as flags of our scripts. Every task here has fixed-length episodes
