@@ -282,9 +282,15 @@ def summarise(args):
                    ylabel="mean greedy eval return" if j == 0 else None)
             ax.xaxis.set_major_formatter(lambda x, _: f"{x / 1000:.0f}k")
             ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8, title=f"mean of {args.seeds} seeds, 95% CI\n"
-                      "(dashed: best so far)", title_fontsize=8)
-    fig.tight_layout()
+    labels = {}  # every batching once, from whichever panel drew it
+    for ax in axes.flat:
+        if not ax.lines:
+            ax.set_visible(False)  # no finished run for this model and task
+        labels |= dict(zip(*reversed(ax.get_legend_handles_labels())))
+    fig.legend(labels.values(), labels.keys(), loc="lower center", ncol=min(len(labels), 4),
+               fontsize=8, title="mean over seeds (the table gives how many), 95% CI; "
+               "dashed: best so far", title_fontsize=8)
+    fig.tight_layout(rect=(0, 0.06 + 0.03 * (len(labels) > 4), 1, 1))
     for path in (args.figure, args.table):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(args.figure, dpi=110)
