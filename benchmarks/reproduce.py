@@ -290,7 +290,8 @@ def summarise(args):
     fig.legend(labels.values(), labels.keys(), loc="lower center", ncol=min(len(labels), 4),
                fontsize=8, title="mean over seeds (the table gives how many), 95% CI; "
                "dashed: best so far", title_fontsize=8)
-    fig.tight_layout(rect=(0, 0.06 + 0.03 * (len(labels) > 4), 1, 1))
+    legend_inches = 0.2 * (2 + (len(labels) - 1) // 4)  # its title and rows of four
+    fig.tight_layout(rect=(0, legend_inches / fig.get_figheight(), 1, 1))
     for path in (args.figure, args.table):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(args.figure, dpi=110)
