@@ -1252,6 +1252,7 @@ def test_reproduce_runs_differ_only_in_batching(tmp_path):
 def test_reproduce_variants_swap_one_thing(tmp_path, capsys):
     """tbb+ablation runs ablations.py; +one_env adds --num-envs 1; nothing else changes."""
     rep = load_reproduce()
+    assert rep.ABLATIONS == load_ablations().ABLATIONS  # reproduce.py's copy, kept without jax
     batchings = ["tbb", "tbb+paper_network+one_env", "sbb50", "sbb50+sbb_loss"]
     args = rep.parse_args(["--recipe", "paper", "--tasks", "CountRecallEasy", "--models", "lru",
                            "--grid-dir", str(tmp_path), "--batchings", *batchings])

@@ -28,7 +28,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ABLATIONS = ("sbb_loss", "rescan_target", "lt_normaliser", "uniform_episodes", "paper_network",
-             "small_head_init", "fixed_eval_seeds")  # benchmarks/ablations.py's
+             "small_head_init", "fixed_eval_seeds")  # ablations.py's (a test keeps them equal)
 TBB_SCRIPTS = {"ffm": "ffm_tbb_dqn.py", "lru": "lru_tbb_dqn.py",
                "linear_transformer": "linear_transformer_tbb_dqn.py"}
 # The paper's settings that differ by task (its RepeatPrevious runs use gamma 0.5 and
@@ -150,11 +150,12 @@ def command(task, model, batching, seed, args):
     ablation = "+".join(v for v in variants if v not in FLAG_VARIANTS)
     if ablation:  # ablations.py runs the script with those functions swapped
         script = os.path.join("benchmarks", "ablations.py")
-        batching_flags = ["--memory", model, *batching_flags[2:]]
+        if base == "tbb":  # ablations.py picks the TBB script by --memory, as SBB does
+            batching_flags = ["--memory", model]
     batching_flags += [f for v in variants for f in FLAG_VARIANTS.get(v, [])]
     flags, total = task_flags(task, args, model)
     env_id = PAPER_TASKS[task][0] if args.recipe == "paper" else task
-    return out, [sys.executable, os.path.join(ROOT, script), *[ablation][:bool(ablation)],
+    return out, [sys.executable, os.path.join(ROOT, script), *([ablation] if ablation else []),
                  "--env-id", env_id, "--seed", str(seed), "--total-timesteps", str(total),
                  "--exp-name", base, "--output-dir", out, *flags, *batching_flags,
                  *args.extra.split()]
