@@ -21,6 +21,10 @@ modules stay untouched), replaces one function with what the paper's code
                     count (430,537 at the default sizes, ours 365,257)
   small_head_init   our network, with only the value and advantage layers starting 10x smaller
                     (one part of paper_network)
+  paper_lt_block    the paper code's linear-attention block around the same scan: keys and
+                    queries without bias, a three-layer MLP, an output LayerNorm with a learned
+                    scale and bias, every other bias uniform like equinox's (linear transformer
+                    only; with paper_network: its 349,205 parameters, ours 217,653)
   fixed_eval_seeds  every evaluation plays the same episodes (the paper's fixed eval seeds), not
                     fresh ones; reproduce.py plots the best-so-far curve of any run
 
@@ -146,6 +150,58 @@ def small_head_init(script):
     script.init_params = init_params
 
 
+def paper_lt_block(script):
+    """Swap our linear-attention block for the paper code's (its LinearAttention module); the
+    normaliser stays the script's (lt_normaliser swaps that)."""
+    init, input_map = script.init_params, script.input_map
+
+    def init_params(key, obs_dim, num_actions, args):
+        params, width = init(key, obs_dim, num_actions, args), args.hidden_size
+        p = params["attention"]
+        k = jax.random.split(jax.random.fold_in(key, 2), 8)
+
+        def eqx_linear(kw, kb, n_in, n_out):  # equinox's default: weight and bias uniform
+            bound = 1.0 / jnp.sqrt(n_in)
+            return {"w": jax.random.uniform(kw, (n_in, n_out), minval=-bound, maxval=bound),
+                    "b": jax.random.uniform(kb, (n_out,), minval=-bound, maxval=bound)}
+
+        for name in ("query", "key"):
+            del p[name]["b"]
+        p["value"]["b"] = jax.random.uniform(k[0], p["value"]["b"].shape, minval=-1.0,
+                                             maxval=1.0) / jnp.sqrt(width)
+        n_a = p["mlp"]["hidden"]["w"].shape[0]  # heads * value size
+        p["mlp"] = {"hidden": eqx_linear(k[1], k[2], n_a, width),
+                    "middle": eqx_linear(k[3], k[4], width, width),
+                    "out": eqx_linear(k[5], k[6], width, width)}
+        p["skip"]["b"] = jax.random.uniform(k[7], (width,), minval=-1.0, maxval=1.0) / jnp.sqrt(
+            width)
+        p["out_ln"] = {"scale": jnp.ones(width), "bias": jnp.zeros(width)}
+        return params
+
+    def unbiased(params):  # the script's functions, given keys and queries with zero bias
+        p = params["attention"]
+        return {**params, "attention": {**p, "query": {"w": p["query"]["w"], "b": 0.0},
+                                        "key": {"w": p["key"]["w"], "b": 0.0}}}
+
+    def output_map(params, state, x):
+        p = params["attention"]
+        h = jax.nn.leaky_relu(script.linear(p["mlp"]["hidden"], script.attention(
+            unbiased(params), state, x)))
+        h = jax.nn.leaky_relu(script.linear(p["mlp"]["middle"], h))
+        mlp = script.linear(p["mlp"]["out"], h)
+        return script.layer_norm(mlp + script.linear(p["skip"], x), p["out_ln"])
+
+    def initial_carry(params, num_envs):
+        _, heads, key_size = params["attention"]["key"]["w"].shape
+        value_size = params["attention"]["value"]["w"].shape[-1]
+        shape = (num_envs, heads, key_size)
+        return script.identity_like((jnp.zeros(shape + (value_size,)), jnp.zeros(shape)))
+
+    script.init_params, script.output_map = init_params, output_map
+    script.input_map = lambda params, x: input_map(unbiased(params), x)
+    script.initial_carry = initial_carry
+
+
 def fixed_seed_evaluation(script):
     """Evaluate on the same episodes every time (the paper code's fixed eval seeds): reseed the
     eval envs before the script's own reset, whose episodes then repeat."""
@@ -168,8 +224,8 @@ def ablated_script(ablations, memory, segment_length=None):
             raise ValueError(f"{ablation} changes SBB only: give --segment-length")
         if ablation == "uniform_episodes" and not tbb:
             raise ValueError("uniform_episodes changes TBB only: leave out --segment-length")
-        if ablation == "lt_normaliser" and memory != "linear_transformer":
-            raise ValueError("lt_normaliser changes the linear transformer only")
+        if ablation in ("lt_normaliser", "paper_lt_block") and memory != "linear_transformer":
+            raise ValueError(f"{ablation} changes the linear transformer only")
         if ablation == "lt_normaliser":
             script.attention = paper_attention
         elif ablation == "uniform_episodes":
@@ -182,6 +238,8 @@ def ablated_script(ablations, memory, segment_length=None):
             script.td_loss = partial(paper_sbb_loss, script.q_tape)
         elif ablation == "paper_network":
             paper_network(script)
+        elif ablation == "paper_lt_block":
+            paper_lt_block(script)
         elif ablation == "small_head_init":
             small_head_init(script)
         elif ablation == "fixed_eval_seeds":
@@ -192,7 +250,7 @@ def ablated_script(ablations, memory, segment_length=None):
 
 
 ABLATIONS = ("sbb_loss", "rescan_target", "lt_normaliser", "uniform_episodes", "paper_network",
-             "small_head_init", "fixed_eval_seeds")
+             "small_head_init", "paper_lt_block", "fixed_eval_seeds")
 
 
 def main(argv):
