@@ -230,12 +230,10 @@ def ablated_script(ablations, memory, segment_length=None):
             script.attention = paper_attention
         elif ablation == "uniform_episodes":
             script.sample_tape = sample_uniform_episodes
-        elif ablation == "rescan_target" and tbb:
-            script.q_tape = rescanned(script.q_tape)
         elif ablation == "rescan_target":
-            script.td_loss = partial(sbb.masked_td_loss, rescanned(script.q_tape))
+            script.q_tape = rescanned(script.q_tape)
         elif ablation == "sbb_loss":
-            script.td_loss = partial(paper_sbb_loss, script.q_tape)
+            pass  # below
         elif ablation == "paper_network":
             paper_network(script)
         elif ablation == "paper_lt_block":
@@ -246,6 +244,9 @@ def ablated_script(ablations, memory, segment_length=None):
             fixed_seed_evaluation(script)
         else:
             raise ValueError(f"unknown ablation {ablation!r}; known: {', '.join(ABLATIONS)}")
+    if not tbb:  # SBB's loss holds its q_tape: give it the final one (rescanned or not)
+        loss = paper_sbb_loss if "sbb_loss" in ablations.split("+") else sbb.masked_td_loss
+        script.td_loss = partial(loss, script.q_tape)
     return script
 
 
