@@ -142,9 +142,11 @@ def compare(args):
     (loss, _), grads = jax.value_and_grad(script.td_loss, has_aux=True)(
         params, params, (steps, b["mask"]), GAMMA, "sequential")
     flat = {name(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(grads)[0]}
-    worst = max(np.abs(flat[k] - stored[f"grad:{k}"]).max() / (np.abs(stored[f"grad:{k}"]).max()
-                                                                + 1e-30) for k in flat)
-    print(f"Q of segment 0: largest |ours - paper| {np.abs(np.asarray(q0) - stored['q0']).max():.1e}"
+    theirs = {k: stored[f"grad:{k}"] for k in flat}
+    worst = max(np.abs(flat[k] - theirs[k]).max() / (np.abs(theirs[k]).max() + 1e-30)
+                for k in flat)
+    q_gap = np.abs(np.asarray(q0) - stored["q0"]).max()
+    print(f"Q of segment 0: largest |ours - paper| {q_gap:.1e}"
           f" (mean |Q| {np.abs(stored['q0']).mean():.1e})")
     print(f"SBB loss: ours {float(loss):.8f}, paper {float(stored['loss']):.8f}")
     print(f"gradients of all {len(flat)} arrays: largest difference relative to the array's "
