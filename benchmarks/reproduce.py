@@ -22,6 +22,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -40,7 +41,9 @@ COLOURS = {"tbb": "tab:blue", "sbb10": "tab:orange", "sbb20": "tab:olive", "sbb5
            "sbb100": "tab:purple", "paper-tbb": "black", "paper-sbb50": "tab:gray",
            "tbb+paper_network": "tab:cyan", "sbb50+paper_network": "tab:pink",
            "tbb+one_env": "tab:brown", "tbb+paper_network+one_env": "tab:green",
-           "tbb+small_head_init": "tab:olive"}
+           "tbb+small_head_init": "tab:olive", "sbb50+sbb_loss": "navy",
+           "sbb50+paper_network+paper_lt_block+lt_normaliser+rescan_target": "gold",
+           "sbb50+paper_network+paper_lt_block+lt_normaliser+sbb_loss+rescan_target": "magenta"}
 
 # --recipe paper: the settings of the paper's experiment configs (experiments/<task>/*.yaml of
 # proroklab/memory-monoids) as flags of our scripts. Every task here has fixed-length episodes
@@ -257,6 +260,7 @@ def summarise(args):
                 label = ("TBB" if own == "tbb" else f"SBB, L = {own[3:]}") + "".join(
                     f" + {v}" for v in variants) + (
                     ", the paper's code" if batching.startswith("paper-") else "")
+                label = textwrap.fill(label, 34)  # a long list of variants: several lines
                 ax.plot(steps, mean, color=colour, label=label)
                 ax.fill_between(steps, low, high, color=colour, alpha=0.2)
                 # The paper plots the best eval so far; dashed, so that both can be compared.
@@ -292,7 +296,8 @@ def summarise(args):
     fig.legend(labels.values(), labels.keys(), loc="lower center", ncol=min(len(labels), 4),
                fontsize=8, title="mean over seeds (the table gives how many), 95% CI; "
                "dashed: best so far", title_fontsize=8)
-    legend_inches = 0.2 * (2 + (len(labels) - 1) // 4)  # its title and rows of four
+    extra_lines = sum(label.count("\n") for label in labels)
+    legend_inches = 0.2 * (2 + (len(labels) - 1) // 4 + extra_lines)  # title, rows of four
     fig.tight_layout(rect=(0, legend_inches / fig.get_figheight(), 1, 1))
     for path in (args.figure, args.table):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
