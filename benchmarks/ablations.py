@@ -97,6 +97,16 @@ def sample_uniform_episodes(tape, key, batch_size):
     return jax.tree.map(lambda column: column[idx], tape.steps), offset == 0
 
 
+def eqx_uniform(key, shape, n_in):
+    """Equinox's default start of a Linear layer's weight and bias: uniform in +-1/sqrt(n_in)."""
+    bound = 1.0 / jnp.sqrt(n_in)
+    return jax.random.uniform(key, shape, minval=-bound, maxval=bound)
+
+
+def eqx_linear(kw, kb, n_in, n_out):
+    return {"w": eqx_uniform(kw, (n_in, n_out), n_in), "b": eqx_uniform(kb, (n_out,), n_in)}
+
+
 def paper_network(script):
     """Swap the script's embedding and Q head for the paper code's (Block and QHead)."""
     init = script.init_params
@@ -105,11 +115,6 @@ def paper_network(script):
         params, width = init(key, obs_dim, num_actions, args), args.hidden_size
         del params["embed_ln"]  # its LayerNorms have no scale and bias
         k = jax.random.split(jax.random.fold_in(key, 1), 6)
-
-        def eqx_linear(kw, kb, n_in, n_out):  # equinox's default: weight and bias uniform
-            bound = 1.0 / jnp.sqrt(n_in)
-            return {"w": jax.random.uniform(kw, (n_in, n_out), minval=-bound, maxval=bound),
-                    "b": jax.random.uniform(kb, (n_out,), minval=-bound, maxval=bound)}
 
         def small_linear(kw, n_in, n_out):  # its final_linear: variance scale 0.01, zero bias
             return {"w": 0.1 * script.init_linear(kw, n_in, n_out)["w"], "b": jnp.zeros(n_out)}
@@ -160,21 +165,14 @@ def paper_lt_block(script):
         p = params["attention"]
         k = jax.random.split(jax.random.fold_in(key, 2), 8)
 
-        def eqx_linear(kw, kb, n_in, n_out):  # equinox's default: weight and bias uniform
-            bound = 1.0 / jnp.sqrt(n_in)
-            return {"w": jax.random.uniform(kw, (n_in, n_out), minval=-bound, maxval=bound),
-                    "b": jax.random.uniform(kb, (n_out,), minval=-bound, maxval=bound)}
-
         for name in ("query", "key"):
             del p[name]["b"]
-        p["value"]["b"] = jax.random.uniform(k[0], p["value"]["b"].shape, minval=-1.0,
-                                             maxval=1.0) / jnp.sqrt(width)
+        p["value"]["b"] = eqx_uniform(k[0], p["value"]["b"].shape, width)
         n_a = p["mlp"]["hidden"]["w"].shape[0]  # heads * value size
         p["mlp"] = {"hidden": eqx_linear(k[1], k[2], n_a, width),
                     "middle": eqx_linear(k[3], k[4], width, width),
                     "out": eqx_linear(k[5], k[6], width, width)}
-        p["skip"]["b"] = jax.random.uniform(k[7], (width,), minval=-1.0, maxval=1.0) / jnp.sqrt(
-            width)
+        p["skip"]["b"] = eqx_uniform(k[7], (width,), width)
         p["out_ln"] = {"scale": jnp.ones(width), "bias": jnp.zeros(width)}
         return params
 
