@@ -1350,6 +1350,10 @@ def test_reproduce_paper_recipe_is_the_papers_settings(tmp_path):
     rows = [line.split("|")[1:-1] for line in (tmp_path / "t.md").read_text().splitlines()[2:]]
     tbb = [c.strip() for c in rows[0]]
     assert tbb[4].startswith("+0.000") and tbb[9].startswith("+0.500") and tbb[10] == "~0.0"
+    # CartPole's episodes vary: ~22 random steps each, then one update per 200 (the cap)
+    cart = ffm.parse_args(rep.command("PositionOnlyCartPoleEasy", "ffm", "tbb", 1, args)[1][2:])
+    assert (cart.learning_starts, cart.train_frequency) == (10000 * 22, 200)
+    assert cart.total_timesteps == cart.learning_starts + 10000 * 200 and cart.prev_action == "on"
 
 
 # =============================================================================================

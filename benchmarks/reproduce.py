@@ -46,18 +46,23 @@ COLOURS = {"tbb": "tab:blue", "sbb10": "tab:orange", "sbb20": "tab:olive", "sbb5
            "sbb50+paper_network+paper_lt_block+lt_normaliser+sbb_loss+rescan_target": "magenta"}
 
 # --recipe paper: the settings of the paper's experiment configs (experiments/<task>/*.yaml of
-# proroklab/memory-monoids) as flags of our scripts. Every task here has fixed-length episodes
-# of T steps, so its budget in episodes becomes steps: E random-action episodes (E * T steps of
-# --learning-starts), then E training episodes with one B = 1000 update after each
-# (--train-frequency T, one update per phase), epsilon 0.2 -> final linearly over the training
-# episodes, an evaluation of 20 greedy episodes every 10 episodes, and a buffer that never
-# evicts (the paper's holds 4M transitions; ours twice the run's steps, for SBB's padding).
-# task label -> (env id, --env-kwargs, T, E, gamma, final epsilon, --prev-action)
+# proroklab/memory-monoids) as flags of our scripts, which count steps where the paper counts
+# episodes: E random-action episodes of R steps (E * R steps of --learning-starts), then E
+# training episodes of T steps with one B = 1000 update after each (--train-frequency T, one
+# update per phase), epsilon 0.2 -> final linearly over the training steps, an evaluation of 20
+# greedy episodes every 10 episodes, and a buffer that never evicts (the paper's holds 4M
+# transitions; ours twice the run's steps, for SBB's padding). R = T where every episode has
+# the same length. PositionOnlyCartPole's do not: R is the mean length of a random episode
+# (22.2 steps over 3,000), T the cap of 200 that a balancing policy reaches, so it gets the
+# paper's 10,000 updates but, while its episodes are short, fewer than one per episode.
+# task label -> (env id, --env-kwargs, R, T, E, gamma, final epsilon, --prev-action)
 PAPER_TASKS = {
-    "RepeatFirstEasy": ("RepeatFirstEasy", {}, 51, 5000, 0.99, 0.01, "auto"),
-    "RepeatPrevious2x10": ("RepeatPreviousEasy", {"num_decks": 2, "k": 10}, 103, 5000, 0.5, 0.1,
-                           "auto"),
-    "CountRecallEasy": ("CountRecallEasy", {}, 51, 10000, 0.99, 0.01, "on"),
+    "RepeatFirstEasy": ("RepeatFirstEasy", {}, 51, 51, 5000, 0.99, 0.01, "auto"),
+    "RepeatPrevious2x10": ("RepeatPreviousEasy", {"num_decks": 2, "k": 10}, 103, 103, 5000, 0.5,
+                           0.1, "auto"),
+    "CountRecallEasy": ("CountRecallEasy", {}, 51, 51, 10000, 0.99, 0.01, "on"),
+    "PositionOnlyCartPoleEasy": ("PositionOnlyCartPoleEasy", {}, 22, 200, 10000, 0.99, 0.01,
+                                 "on"),
 }
 PAPER_FLAGS = ["--learning-rate", "1e-4", "--lr-warmup-updates", "200", "--max-grad-norm",
                "0.01", "--tau", "0.005", "--start-e", "0.2", "--exploration-fraction", "1.0",
@@ -76,6 +81,9 @@ PAPER_FIG3 = {
     ("RepeatPrevious2x10", "ffm"): {"tbb": "~0.0", "sbb": "~-0.35 to -0.45"},
     ("RepeatPrevious2x10", "lru"): {"tbb": "~1.0", "sbb10": "below 1", "sbb": "~1.0"},
     ("RepeatPrevious2x10", "linear_transformer"): {"tbb": "~-0.42", "sbb": "~-0.49"},
+    ("PositionOnlyCartPoleEasy", "ffm"): {"tbb": "~1.0 by ~2,000 eps", "sbb": "slower to ~1.0"},
+    ("PositionOnlyCartPoleEasy", "linear_transformer"): {"tbb": "~1.0 by ~2,000 eps",
+                                                         "sbb10": "~0.6", "sbb": "slower"},
 }
 
 
@@ -130,13 +138,14 @@ def task_flags(task, args, model=None):
     """-> (the flags of `task` (and `model`) under the recipe, its budget in env steps)."""
     if args.recipe == "short":
         return TASK_FLAGS.get(task, []), args.total_timesteps
-    env_id, kwargs, T, episodes, gamma, end_e, prev_action = PAPER_TASKS[task]
+    env_id, kwargs, R, T, episodes, gamma, end_e, prev_action = PAPER_TASKS[task]
+    total = episodes * (R + T)
     flags = ["--env-kwargs", json.dumps(kwargs), "--prev-action", prev_action,
-             "--learning-starts", str(episodes * T), "--train-frequency", str(T),
+             "--learning-starts", str(episodes * R), "--train-frequency", str(T),
              "--eval-every", str(10 * T), "--log-every", str(10 * T), "--gamma", str(gamma),
-             "--end-e", str(end_e), "--buffer-size", str(4 * episodes * T), *PAPER_FLAGS,
+             "--end-e", str(end_e), "--buffer-size", str(2 * total), *PAPER_FLAGS,
              *PAPER_MODEL_FLAGS.get((task, model), [])]
-    return flags, 2 * episodes * T
+    return flags, total
 
 
 def command(task, model, batching, seed, args):
