@@ -1179,9 +1179,10 @@ def test_vml_sensitivity_is_zero_across_an_episode_start(model):
 
 
 def test_vml_script_smoke(tmp_path):
-    p = run_script("vml_analysis.py", "--seeds", "1", "--segment-lengths", "10", "--episodes", "2",
-                   "--final-steps", "2", "--output-dir", str(tmp_path), "--total-timesteps",
-                   "1000", "--hidden-size", "32", "--trace-size", "8", "--context-size", "2")
+    p = run_script("vml_analysis.py", "--memory", "ffm", "--seeds", "1", "--segment-lengths", "10",
+                   "--episodes", "2", "--final-steps", "2", "--output-dir", str(tmp_path),
+                   "--total-timesteps", "1000", "--hidden-size", "32", "--trace-size", "8",
+                   "--context-size", "2")
     assert p.returncode == 0, p.stderr
     assert "RML = 11 observations" in p.stdout and p.stdout.count("VML = ") == 2
     with open(tmp_path / "vml.csv") as f:
