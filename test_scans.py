@@ -1268,6 +1268,12 @@ def test_reproduce_variants_swap_one_thing(tmp_path, capsys):
         "--memory", "lru", "--segment-length", "50"]
     assert strip_run_flags(sbb_variant[3:], "lru", "sbb50") == strip_run_flags(
         cmds["sbb50"][2:], "lru", "sbb50")
+    # +paper_lru_init: the paper code's LRU ring, |lambda| over [0, 1) and phases up to 2 pi
+    init = rep.command("CountRecallEasy", "lru", "tbb+paper_lru_init", 1, args)[1]
+    init = lru.parse_args(init[2:])
+    assert (init.r_min, init.r_max, init.max_phase) == (0.0, 0.9999, 6.28)
+    lam = lru.lru_lambda(lru.init_params(jax.random.PRNGKey(0), 4, 2, init)["lru"][0])
+    assert np.abs(lam).min() < 0.3 and np.abs(lam).max() > 0.95 and np.angle(lam).max() > 3.0
     for bad in ("tbb+fast", "sbb10+paper_network+fast"):
         with pytest.raises(SystemExit) as e:
             rep.parse_args(["--batchings", bad])

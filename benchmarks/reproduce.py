@@ -36,12 +36,16 @@ TBB_SCRIPTS = {"ffm": "ffm_tbb_dqn.py", "lru": "lru_tbb_dqn.py",
 # The paper's settings that differ by task (its RepeatPrevious runs use gamma 0.5 and
 # epsilon 0.2 -> 0.1; everything else gamma 0.99 and the scripts' defaults).
 TASK_FLAGS = {"RepeatPreviousEasy": ["--gamma", "0.5", "--end-e", "0.1"]}
-FLAG_VARIANTS = {"one_env": ["--num-envs", "1"]}  # variants that are flags of the scripts
+# Variants that are flags of the scripts. paper_lru_init: the paper code's LRU ring (r in [0, 1),
+# phases up to 2 pi; ours keeps r in [0.9, 0.999], phases up to pi/10), r_max just below 1.
+FLAG_VARIANTS = {"one_env": ["--num-envs", "1"],
+                 "paper_lru_init": ["--r-min", "0", "--r-max", "0.9999", "--max-phase", "6.28"]}
 COLOURS = {"tbb": "tab:blue", "sbb10": "tab:orange", "sbb20": "tab:olive", "sbb50": "tab:red",
            "sbb100": "tab:purple", "paper-tbb": "black", "paper-sbb50": "tab:gray",
            "tbb+paper_network": "tab:cyan", "sbb50+paper_network": "tab:pink",
            "tbb+one_env": "tab:brown", "tbb+paper_network+one_env": "tab:green",
            "tbb+small_head_init": "tab:olive", "sbb50+sbb_loss": "navy",
+           "tbb+paper_lru_init": "darkgreen",
            "sbb50+paper_network+paper_lt_block+lt_normaliser+rescan_target": "gold",
            "sbb50+paper_network+paper_lt_block+lt_normaliser+sbb_loss+rescan_target": "magenta"}
 
