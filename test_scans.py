@@ -1199,6 +1199,15 @@ def test_vml_reuses_a_finished_run(tmp_path):
     assert vml.trained_run(args, "sbb10", 2, []) == str(run_dir)  # no training started
 
 
+def test_vml_trains_lru_on_the_wide_ring_unless_told_otherwise():
+    ring = lambda a: (a.r_min, a.r_max, a.max_phase)
+    assert ring(lru.parse_args(vml.parse_args([]).script_flags)) == (0.0, 0.9999, 6.28)
+    told = vml.parse_args(["--r-min", "0.5", "--hidden-size", "8"]).script_flags
+    assert ring(lru.parse_args(told)) == (0.5, 0.9999, 6.28)
+    assert vml.parse_args(["--memory", "ffm", "--trace-size", "8"]).script_flags == [
+        "--trace-size", "8"]
+
+
 def test_vml_bad_flag_is_one_line(capsys):
     with pytest.raises(SystemExit) as exit_info:
         vml.parse_args(["--k", "0"])
