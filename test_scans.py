@@ -10,6 +10,7 @@ import collections
 import csv
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 from functools import lru_cache, partial
@@ -1304,7 +1305,8 @@ def test_reproduce_resumes_and_tabulates(tmp_path, monkeypatch):
     grid = str(tmp_path / "grid")
     flags = ["--tasks", "RepeatFirstEasy", "--models", "ffm", "--batchings", "tbb", "sbb10",
              "--seeds", "2", "--total-timesteps", "300", "--grid-dir", grid,
-             "--figure", str(tmp_path / "f.png"), "--table", str(tmp_path / "t.md")]
+             "--figure", str(tmp_path / "f.png"), "--table", str(tmp_path / "t.md"),
+             "--curves", str(tmp_path / "c.csv")]
     args = rep.parse_args(flags)
     curves = {("tbb", 1): [0.0, 0.5, 1.0], ("tbb", 2): [0.0, 0.25, 0.5],
               ("sbb10", 1): [0.0, 0.0, 0.25]}
@@ -1332,6 +1334,16 @@ def test_reproduce_resumes_and_tabulates(tmp_path, monkeypatch):
     assert tbb[7] == "1.00" and sbb10[7] == "0.80" and tbb[6] == "20" and tbb[8] == "2.0"
     assert tbb[11] == "20, never" and sbb10[11] == "never"  # updates to the first eval >= 0.9
     assert (tmp_path / "f.png").stat().st_size > 0
+    # The finished runs' curves are kept in --curves: without runs/ the table is the same and
+    # they are not run again.
+    table = (tmp_path / "t.md").read_text()
+    shutil.rmtree(grid)
+    (tmp_path / "t.md").unlink()
+    rep.summarise(args)
+    assert (tmp_path / "t.md").read_text() == table
+    ran.clear()
+    rep.run_grid(args)
+    assert len(ran) == 1 and ran[0][ran[0].index("--seed") + 1] == "2"
 
 
 def test_reproduce_rejects_an_unknown_batching(capsys):
@@ -1344,7 +1356,8 @@ def test_reproduce_paper_recipe_is_the_papers_settings(tmp_path):
     rep = load_reproduce()
     args = rep.parse_args(["--recipe", "paper", "--tasks", "RepeatPrevious2x10", "--models", "ffm",
                            "--seeds", "1", "--grid-dir", str(tmp_path / "grid"),
-                           "--figure", str(tmp_path / "f.png"), "--table", str(tmp_path / "t.md")])
+                           "--figure", str(tmp_path / "f.png"), "--table", str(tmp_path / "t.md"),
+                           "--curves", str(tmp_path / "c.csv")])
     assert args.batchings == ["tbb", "sbb10", "sbb50", "sbb100"]
     flags = {}
     for batching in args.batchings:
@@ -1518,11 +1531,12 @@ def test_official_log_becomes_a_curve_beside_ours(tmp_path):
     args = rep.parse_args(["--recipe", "paper", "--tasks", "RepeatFirstEasy", "--models", "ffm",
                            "--batchings", "paper-tbb", "--seeds", "1", "--grid-dir",
                            str(tmp_path / "grid"), "--figure", str(tmp_path / "f.png"),
-                           "--table", str(tmp_path / "t.md")])
+                           "--table", str(tmp_path / "t.md"), "--curves", str(tmp_path / "c.csv")])
     out, cmd = rep.command("RepeatFirstEasy", "ffm", "paper-tbb", 1, args)
     assert cmd is None  # never run by the grid
     official.main([str(log), "--episode-length", "51", "--out", out])
-    (curve,) = rep.finished_curves("RepeatFirstEasy", "ffm", "paper-tbb", args)
+    (curve,) = rep.finished_curves(rep.record_curves(args), "RepeatFirstEasy", "ffm", "paper-tbb",
+                                   args)
     np.testing.assert_array_equal(curve["global_step"], [5001 * 51, 7500 * 51, 10000 * 51])
     np.testing.assert_array_equal(curve["updates"], [1, 2500, 5000])
     rep.summarise(args)

@@ -13,7 +13,8 @@ writes a table of final and area-under-curve returns.
 A batching may carry variants after "+": ablations of benchmarks/ablations.py (e.g.
 tbb+paper_network) and one_env (the paper's collection: one env, --num-envs 1), e.g.
 tbb+paper_network+one_env. A run whose metrics.csv already reaches --total-timesteps is
-skipped, so the grid resumes.
+skipped, so the grid resumes. Each finished run's eval curve is also copied into --curves, a
+committed CSV, so the figure and table can be redrawn without runs/ (which is not committed).
 """
 
 import argparse
@@ -23,6 +24,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -115,6 +117,8 @@ def parse_args(argv=None):
                    "None: figures/tbb_vs_sbb[_paper].png")
     p.add_argument("--table", default=None, help="markdown table of final and area-under-curve "
                    "returns; None: figures/tbb_vs_sbb[_paper].md")
+    p.add_argument("--curves", default=None, help="CSV of every finished run's eval curve, "
+                   "kept across grids; None: figures/tbb_vs_sbb[_paper]_curves.csv")
     p.add_argument("--plot-only", action="store_true", help="do not run, only plot and tabulate")
     args = p.parse_args(argv)
     paper = args.recipe == "paper"
@@ -125,6 +129,7 @@ def parse_args(argv=None):
     args.grid_dir = args.grid_dir or os.path.join("runs", "reproduce" + suffix)
     args.figure = args.figure or os.path.join("figures", f"tbb_vs_sbb{suffix}.png")
     args.table = args.table or os.path.join("figures", f"tbb_vs_sbb{suffix}.md")
+    args.curves = args.curves or os.path.join("figures", f"tbb_vs_sbb{suffix}_curves.csv")
     if paper and not set(args.tasks) <= set(PAPER_TASKS):
         p.error(f"--recipe paper knows the tasks {', '.join(PAPER_TASKS)}")
     for batching in args.batchings:
@@ -192,9 +197,43 @@ def read_curve(out):
     return {k: np.array([float(r[k]) for r in rows]) for k in rows[0]}
 
 
-def complete(out, total):
-    curve = read_curve(out)
-    return curve is not None and curve["global_step"][-1] >= total
+CURVE = ("global_step", "updates", "eval_return", "density", "elapsed_s")  # what summarise reads
+KEY = ("task", "model", "batching", "seed")
+RECORD_LOCK = threading.Lock()
+
+
+def record_curves(args):
+    """{(task, model, batching, seed): eval curve} of every finished run: those kept in
+    args.curves, plus this grid's runs that have finished in runs/ since (written back)."""
+    rows = {}
+    if os.path.isfile(args.curves):
+        with open(args.curves) as f:
+            for r in csv.DictReader(f):
+                key = (r["task"], r["model"], r["batching"], int(r["seed"]))
+                rows.setdefault(key, []).append([float(r[c]) for c in CURVE])
+    curves = {key: dict(zip(CURVE, np.array(v).T)) for key, v in rows.items()}
+    found = {}
+    for key in grid(args):
+        curve = read_curve(command(*key, args)[0])
+        if curve is not None and curve["global_step"][-1] >= task_flags(key[0], args)[1]:
+            nan = np.full(len(curve["global_step"]), np.nan)  # e.g. the paper code's density
+            found[key] = {c: curve.get(c, nan) for c in CURVE}
+    if found:
+        curves |= found
+        os.makedirs(os.path.dirname(args.curves) or ".", exist_ok=True)
+        with open(args.curves + ".tmp", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(KEY + CURVE)
+            for key in sorted(curves):
+                for values in zip(*(curves[key][c] for c in CURVE)):
+                    writer.writerow([*key, *(f"{v:.10g}" for v in values)])
+        os.replace(args.curves + ".tmp", args.curves)  # atomic: two grids may share the file
+    return curves
+
+
+def grid(args):
+    return [(task, model, batching, seed) for task in args.tasks for model in args.models
+            for batching in args.batchings for seed in range(1, args.seeds + 1)]
 
 
 def bootstrap_ci(values, rng, resamples=2000):
@@ -206,14 +245,9 @@ def bootstrap_ci(values, rng, resamples=2000):
 
 
 def run_grid(args):
-    todo = []
-    for task in args.tasks:
-        for model in args.models:
-            for batching in args.batchings:
-                for seed in range(1, args.seeds + 1):
-                    out, cmd = command(task, model, batching, seed, args)
-                    if cmd is not None and not complete(out, task_flags(task, args)[1]):
-                        todo.append((out, cmd))
+    done = record_curves(args)
+    todo = [command(*key, args) for key in grid(args) if key not in done]
+    todo = [(out, cmd) for out, cmd in todo if cmd is not None]
     print(f"{len(todo)} runs to do", flush=True)
 
     def one(job):
@@ -222,16 +256,16 @@ def run_grid(args):
         with open(os.path.join(out, "log.txt"), "w") as log:
             code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
         print(f"{'done' if code == 0 else f'FAILED ({code})'}: {out}", flush=True)
+        with RECORD_LOCK:
+            record_curves(args)
 
     with ThreadPoolExecutor(args.jobs) as pool:
         list(pool.map(one, todo))
 
 
-def finished_curves(task, model, batching, args):
-    curves = [read_curve(command(task, model, batching, s, args)[0])
-              for s in range(1, args.seeds + 1)]
-    total = task_flags(task, args)[1]
-    return [c for c in curves if c is not None and c["global_step"][-1] >= total]
+def finished_curves(curves, task, model, batching, args):
+    return [curves[key] for key in [(task, model, batching, s) for s in range(1, args.seeds + 1)]
+            if key in curves]
 
 
 def first_reaching(curve, level):
@@ -242,10 +276,12 @@ def first_reaching(curve, level):
 
 def summarise(args):
     """One panel per (model, task), one colour per batching; a markdown table of the same runs."""
-    runs = {(m, t, b): finished_curves(t, m, b, args)
+    curves = record_curves(args)
+    runs = {(m, t, b): finished_curves(curves, t, m, b, args)
             for m in args.models for t in args.tasks for b in args.batchings}
     if not any(runs.values()):
-        sys.exit(f"reproduce.py: error: no finished runs under {args.grid_dir} to plot")
+        sys.exit(f"reproduce.py: error: no finished runs under {args.grid_dir} or in "
+                 f"{args.curves} to plot")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -286,8 +322,9 @@ def summarise(args):
                 auc = bootstrap_ci(returns.mean(axis=1), rng)
                 # Compute is equal by construction: the same updates of the same B slots.
                 updates = np.mean([c["updates"][-1] for c in curves])
-                density = (np.mean([np.nanmean(c["density"]) for c in curves])
-                           if "density" in curves[0] else 1.0 if batching == "tbb" else np.nan)
+                density = np.concatenate([c["density"] for c in curves])
+                density = (np.nanmean(density) if np.isfinite(density).any()
+                           else 1.0 if batching == "tbb" else np.nan)
                 minutes = np.mean([c["elapsed_s"][-1] for c in curves]) / 60
                 lines.append(f"| {task} | {model} | {batching} | {len(curves)} | "
                              f"{final[0]:+.3f} ({final[1]:+.3f}, {final[2]:+.3f}) | "
