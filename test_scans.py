@@ -1185,11 +1185,27 @@ def test_vml_script_smoke(tmp_path):
                    "--total-timesteps", "1000", "--hidden-size", "32", "--trace-size", "8",
                    "--context-size", "2")
     assert p.returncode == 0, p.stderr
-    assert "RML = 11 observations" in p.stdout and p.stdout.count("VML = ") == 2
+    assert "RML = 10 observations" in p.stdout and p.stdout.count("VML = ") == 2
     with open(tmp_path / "vml.csv") as f:
         rows = [r for r in csv.DictReader(f) if r["batching"] == "tbb"]
     assert float(rows[-1]["cumulative"]) == pytest.approx(1.0, abs=1e-5)
     assert (tmp_path / "vml.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("k", [1, 4, 10])
+def test_repeat_previous_rewards_the_suit_k_minus_1_observations_back(k):
+    """vml_analysis.py's RML = k: the rewarded suit is that of the observation at age k - 1."""
+    from popgym.envs.repeat_previous import RepeatPrevious
+    for age in (k - 2, k - 1, k):
+        env = RepeatPrevious(num_decks=2, k=k)
+        seen, rewards = [env.reset(seed=3)[0]], []
+        for _ in range(80):
+            action = seen[-1 - age] if 0 <= age < len(seen) else 0
+            obs, reward, *_ = env.step(action)
+            if len(seen) >= k:  # rewarded from the k-th observation on
+                rewards.append(reward)
+            seen.append(obs)
+        assert (min(rewards) > 0) == (age == k - 1)
 
 
 def test_vml_reuses_a_finished_run(tmp_path):
