@@ -225,8 +225,9 @@ def record_curves(args):
             writer = csv.writer(f)
             writer.writerow(KEY + CURVE)
             for key in sorted(curves):
-                for values in zip(*(curves[key][c] for c in CURVE)):
-                    writer.writerow([*key, *(f"{v:.10g}" for v in values)])
+                for step, updates, *values in zip(*(curves[key][c] for c in CURVE)):
+                    writer.writerow([*key, f"{step:.0f}", f"{updates:.0f}",
+                                     *(f"{v:.6g}" for v in values)])
         os.replace(args.curves + ".tmp", args.curves)  # atomic: two grids may share the file
     return curves
 
