@@ -265,8 +265,8 @@ def run_grid(args):
 
 
 def finished_curves(curves, task, model, batching, args):
-    return [curves[key] for key in [(task, model, batching, s) for s in range(1, args.seeds + 1)]
-            if key in curves]
+    seeds = [(task, model, batching, s) for s in range(1, args.seeds + 1)]
+    return [curves[key] for key in seeds if key in curves]
 
 
 def first_reaching(curve, level):
