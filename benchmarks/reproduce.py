@@ -44,6 +44,7 @@ FLAG_VARIANTS = {"one_env": ["--num-envs", "1"],
                  "paper_lru_init": ["--r-min", "0", "--r-max", "0.9999", "--max-phase", "6.28"]}
 COLOURS = {"tbb": "tab:blue", "sbb10": "tab:orange", "sbb20": "tab:olive", "sbb50": "tab:red",
            "sbb100": "tab:purple", "paper-tbb": "black", "paper-sbb50": "tab:gray",
+           "paper-sbb10": "silver", "paper-sbb100": "saddlebrown",
            "tbb+paper_network": "tab:cyan", "sbb50+paper_network": "tab:pink",
            "tbb+one_env": "tab:brown", "tbb+paper_network+one_env": "tab:green",
            "tbb+small_head_init": "tab:olive", "sbb50+sbb_loss": "navy",
