@@ -203,16 +203,22 @@ KEY = ("task", "model", "batching", "seed")
 RECORD_LOCK = threading.Lock()
 
 
-def record_curves(args):
-    """{(task, model, batching, seed): eval curve} of every finished run: those kept in
-    args.curves, plus this grid's runs that have finished in runs/ since (written back)."""
+def kept_curves(path):
+    """{(task, model, batching, seed): eval curve} as kept in the curves CSV `path`."""
     rows = {}
-    if os.path.isfile(args.curves):
-        with open(args.curves) as f:
+    if os.path.isfile(path):
+        with open(path) as f:
             for r in csv.DictReader(f):
                 key = (r["task"], r["model"], r["batching"], int(r["seed"]))
                 rows.setdefault(key, []).append([float(r[c]) for c in CURVE])
-    curves = {key: dict(zip(CURVE, np.array(v).T)) for key, v in rows.items()}
+    return {key: dict(zip(CURVE, np.array(v).T)) for key, v in rows.items()}
+
+
+def record_curves(args):
+    """{(task, model, batching, seed): eval curve} of every finished run: those kept in
+    args.curves, plus this grid's runs that have finished in runs/ since (written back).
+    Always as kept, so a table from runs/ equals one made later from the CSV alone."""
+    curves = kept_curves(args.curves)
     found = {}
     for key in grid(args):
         curve = read_curve(command(*key, args)[0])
@@ -230,6 +236,7 @@ def record_curves(args):
                     writer.writerow([*key, f"{step:.0f}", f"{updates:.0f}",
                                      *(f"{v:.6g}" for v in values)])
         os.replace(args.curves + ".tmp", args.curves)  # atomic: two grids may share the file
+        curves = kept_curves(args.curves)
     return curves
 
 
