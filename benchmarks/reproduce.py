@@ -228,14 +228,15 @@ def record_curves(args):
     if found:
         curves |= found
         os.makedirs(os.path.dirname(args.curves) or ".", exist_ok=True)
-        with open(args.curves + ".tmp", "w", newline="") as f:
+        tmp = f"{args.curves}.{os.getpid()}.tmp"  # one per process: two grids may share the CSV
+        with open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(KEY + CURVE)
             for key in sorted(curves):
                 for step, updates, *values in zip(*(curves[key][c] for c in CURVE)):
                     writer.writerow([*key, f"{step:.0f}", f"{updates:.0f}",
                                      *(f"{v:.6g}" for v in values)])
-        os.replace(args.curves + ".tmp", args.curves)  # atomic: two grids may share the file
+        os.replace(tmp, args.curves)  # atomic: a reader never sees half a file
         curves = kept_curves(args.curves)
     return curves
 
