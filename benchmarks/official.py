@@ -8,10 +8,12 @@ prints, flushed, per evaluation:
     transitions_trained=..,eval_mean=..,eval_best=..,eval_min=..,eval_max=..,train_ep_reward=..,
     loss=..,eps=..,train_time_total=..
 
-(one line; `epoch` counts episodes, random ones included; `train_epoch` counts updates). This
-script turns those lines into metrics.csv rows (global_step = epoch * --episode-length, as our
-runs count steps) under the folder where benchmarks/reproduce.py looks for batching
-`paper-<batching>`, e.g.:
+(one line; `epoch` counts episodes, random ones included; `train_epoch` counts updates and
+`transitions_collected` the steps of the training episodes). This script turns those lines into
+metrics.csv rows under the folder where benchmarks/reproduce.py looks for batching
+`paper-<batching>`. It counts env steps as our runs do: the random-action episodes times
+--episode-length, plus the logged training steps; for PositionOnlyCartPole, whose episodes
+vary, give the mean random episode (22, as reproduce.py does), e.g.:
 
     python benchmarks/official.py paper.log --episode-length 51 \\
         --out runs/reproduce_paper/RepeatFirstEasy/ffm/paper-tbb/seed1
@@ -35,7 +37,8 @@ def read_evals(lines):
 
 
 def to_metrics(rows, episode_length):
-    return [{"global_step": int(r["epoch"]) * episode_length, "episodes": int(r["epoch"]),
+    return [{"global_step": int(r["epoch"] - r["train_epoch"]) * episode_length
+             + int(r["transitions_collected"]), "episodes": int(r["epoch"]),
              "updates": int(r["train_epoch"]), "eval_return": r["eval_mean"],
              "eval_best": r["eval_best"], "td_loss": r["loss"], "epsilon": r["eps"],
              "elapsed_s": r["elapsed_s"]} for r in rows]
@@ -44,7 +47,8 @@ def to_metrics(rows, episode_length):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("log", help="a log of the paper's code with EVAL lines")
-    p.add_argument("--episode-length", type=int, required=True, help="T of the task's episodes")
+    p.add_argument("--episode-length", type=int, required=True,
+                   help="steps of a random-action episode (the task's T)")
     p.add_argument("--out", required=True, help="run folder; metrics.csv goes in out/paper/")
     args = p.parse_args(argv)
     with open(args.log, errors="replace") as f:
