@@ -1556,10 +1556,11 @@ def test_official_log_becomes_a_curve_beside_ours(tmp_path):
                                    args)
     np.testing.assert_array_equal(curve["global_step"], [5001 * 51, 7500 * 51, 10000 * 51])
     np.testing.assert_array_equal(curve["updates"], [1, 2500, 5000])
-    # Episodes of varying length: random ones counted at their mean, training ones as logged.
-    (row,) = official.to_metrics(official.read_evals(
-        [log.read_text().splitlines()[-1].replace("=255000,", "=1234567,")]), 22)
-    assert row["global_step"] == 5000 * 22 + 1234567
+    # Episodes of varying length (PositionOnlyCartPole): at the step of our run's same update.
+    official.main([str(log), "--episode-length", "200", "--random-episode-length", "22",
+                   "--out", str(tmp_path / "pocp")])
+    np.testing.assert_array_equal(rep.read_curve(str(tmp_path / "pocp"))["global_step"],
+                                  [5000 * 22 + 200 * u for u in (1, 2500, 5000)])
     rep.summarise(args)
     row = [c.strip() for c in (tmp_path / "t.md").read_text().splitlines()[2].split("|")[1:-1]]
     assert row[4].startswith("+0.250") and row[9].startswith("+0.500") and row[10] == "~1.0"

@@ -8,12 +8,13 @@ prints, flushed, per evaluation:
     transitions_trained=..,eval_mean=..,eval_best=..,eval_min=..,eval_max=..,train_ep_reward=..,
     loss=..,eps=..,train_time_total=..
 
-(one line; `epoch` counts episodes, random ones included; `train_epoch` counts updates and
-`transitions_collected` the steps of the training episodes). This script turns those lines into
-metrics.csv rows under the folder where benchmarks/reproduce.py looks for batching
-`paper-<batching>`. It counts env steps as our runs do: the random-action episodes times
---episode-length, plus the logged training steps; for PositionOnlyCartPole, whose episodes
-vary, give the mean random episode (22, as reproduce.py does), e.g.:
+(one line; `epoch` counts episodes, random ones included; `train_epoch` counts updates). This
+script turns those lines into metrics.csv rows under the folder where benchmarks/reproduce.py
+looks for batching `paper-<batching>`, each at the env step where our run of the same recipe
+makes the same update: random-action episodes times R, plus updates times T (--episode-length T,
+--random-episode-length R, default T; for PositionOnlyCartPole, whose episodes vary, R = 22 and
+T = 200 as in reproduce.py; the paper's log cannot say its own step count: its segment code
+counts segments). E.g.:
 
     python benchmarks/official.py paper.log --episode-length 51 \\
         --out runs/reproduce_paper/RepeatFirstEasy/ffm/paper-tbb/seed1
@@ -36,9 +37,9 @@ def read_evals(lines):
     return rows
 
 
-def to_metrics(rows, episode_length):
-    return [{"global_step": int(r["epoch"] - r["train_epoch"]) * episode_length
-             + int(r["transitions_collected"]), "episodes": int(r["epoch"]),
+def to_metrics(rows, episode_length, random_episode_length):
+    return [{"global_step": int(r["epoch"] - r["train_epoch"]) * random_episode_length
+             + int(r["train_epoch"]) * episode_length, "episodes": int(r["epoch"]),
              "updates": int(r["train_epoch"]), "eval_return": r["eval_mean"],
              "eval_best": r["eval_best"], "td_loss": r["loss"], "epsilon": r["eps"],
              "elapsed_s": r["elapsed_s"]} for r in rows]
@@ -48,11 +49,14 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("log", help="a log of the paper's code with EVAL lines")
     p.add_argument("--episode-length", type=int, required=True,
-                   help="steps of a random-action episode (the task's T)")
+                   help="T: steps per update in our recipe (the task's episode length)")
+    p.add_argument("--random-episode-length", type=int,
+                   help="R: steps per random-action episode in our recipe (default: T)")
     p.add_argument("--out", required=True, help="run folder; metrics.csv goes in out/paper/")
     args = p.parse_args(argv)
     with open(args.log, errors="replace") as f:
-        rows = to_metrics(read_evals(f), args.episode_length)
+        rows = to_metrics(read_evals(f), args.episode_length,
+                          args.random_episode_length or args.episode_length)
     if not rows:
         sys.exit(f"official.py: error: no EVAL lines in {args.log}")
     os.makedirs(os.path.join(args.out, "paper"), exist_ok=True)
