@@ -1540,8 +1540,7 @@ def test_official_log_becomes_a_curve_beside_ours(tmp_path):
     log = tmp_path / "paper.log"
     log.write_text("progress\r 12%|##\n" + "".join(
         f"EVAL,2026-01-01T00:00:00,{10.0 * e},epoch={e},train_epoch={max(0, e - 5000)},"
-        f"transitions_collected={51 * (e - 5000)},transitions_trained=1000,eval_mean={r},"
-        f"eval_best={b},"
+        f"transitions_collected=51,transitions_trained=1000,eval_mean={r},eval_best={b},"
         f"eval_min=0,eval_max=1,train_ep_reward=0,loss=0.1,eps=0.2,train_time_total=1\n"
         for e, r, b in ((5001, -0.5, -0.5), (7500, 0.5, 0.5), (10000, 0.25, 0.5))))
     rep = load_reproduce()

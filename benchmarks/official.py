@@ -11,10 +11,9 @@ prints, flushed, per evaluation:
 (one line; `epoch` counts episodes, random ones included; `train_epoch` counts updates). This
 script turns those lines into metrics.csv rows under the folder where benchmarks/reproduce.py
 looks for batching `paper-<batching>`, each at the env step where our run of the same recipe
-makes the same update: random-action episodes times R, plus updates times T (--episode-length T,
---random-episode-length R, default T; for PositionOnlyCartPole, whose episodes vary, R = 22 and
-T = 200 as in reproduce.py; the paper's log cannot say its own step count: its segment code
-counts segments). E.g.:
+makes the same update: random-action episodes times R plus updates times T (its log cannot
+give its own steps: the segment code counts segments). R defaults to T; PositionOnlyCartPole,
+whose episodes vary, takes R = 22 and T = 200, as in reproduce.py. E.g.:
 
     python benchmarks/official.py paper.log --episode-length 51 \\
         --out runs/reproduce_paper/RepeatFirstEasy/ffm/paper-tbb/seed1
