@@ -279,9 +279,14 @@ def episode_bounds(episode_end):
     return zip(np.r_[0, stops], np.r_[stops, len(episode_end)])
 
 
+def float_dtype(rewards):
+    """The dtype of the returns: the rewards' if floating, else float32 (ints and bools)."""
+    return rewards.dtype if np.issubdtype(rewards.dtype, np.floating) else np.float32
+
+
 def numpy_loop_returns(rewards, episode_end, gamma):
     """Baseline 1: G_t = r_t + gamma * G_{t+1}, a Python loop over each episode's steps, backwards."""
-    returns = np.empty_like(rewards)
+    returns = np.empty(len(rewards), float_dtype(rewards))
     for start, stop in episode_bounds(episode_end):
         g = 0.0
         for t in range(stop - 1, start - 1, -1):
@@ -298,6 +303,7 @@ def lax_scan_returns(rewards, episode_end, gamma):
         g = r + gamma * jnp.where(end, 0.0, g)
         return g, g
 
+    rewards = rewards.astype(float_dtype(rewards))
     _, returns = jax.lax.scan(step, jnp.zeros((), rewards.dtype), (rewards, episode_end), reverse=True)
     return returns
 
@@ -312,11 +318,11 @@ def jit_episode_returns(rewards, episode_end, gamma):
     Each episode is zero-padded to the next power of two, which leaves its returns unchanged
     and bounds the number of compiled shapes by log2(max length) + 1.
     """
-    returns = np.empty_like(rewards)
+    returns = np.empty(len(rewards), float_dtype(rewards))
     for start, stop in episode_bounds(episode_end):
         length = stop - start
         size = 1 << int(length - 1).bit_length()
-        padded = np.zeros(size, rewards.dtype)
+        padded = np.zeros(size, returns.dtype)
         padded[:length] = rewards[start:stop]
         episode = jit_lax_scan_returns(padded, np.zeros(size, bool), gamma)
         returns[start:stop] = np.asarray(episode)[:length]
@@ -463,8 +469,14 @@ if __name__ == "__main__":
     print(f"jax {jax.__version__} on {device}; gamma={args.gamma}, repeats={args.repeats}, "
           f"max_transitions={args.max_transitions}, block_size={args.block_size}, "
           f"budget={args.budget:g} s")
+    # Say up front which files it writes, and which of them it replaces (--output-dir figures
+    # replaces the committed ones).
+    outputs = [os.path.join(args.output_dir, f"returns_timing.{ext}") for ext in ("csv", "png")]
+    replaced = [path for path in outputs if os.path.exists(path)]
+    files = " and ".join(outputs) + (f", replacing {' and '.join(replaced)}" if replaced else "")
+    print(f"writes {files}")
     rows = run_grid(args)
     print(format_table(rows))
-    write_csv(rows, os.path.join(args.output_dir, "returns_timing.csv"))
-    plot(rows, os.path.join(args.output_dir, "returns_timing.png"), f"Discounted return-to-go, {device}")
-    print(f"wrote returns_timing.csv and returns_timing.png to {args.output_dir}")
+    write_csv(rows, outputs[0])
+    plot(rows, outputs[1], f"Discounted return-to-go, {device}")
+    print(f"wrote {files}")

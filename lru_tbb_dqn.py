@@ -21,11 +21,14 @@ The text between "# ==== shared" markers is the same in all three TBB scripts (a
 import argparse
 import csv
 import difflib
+import io
 import json
 import os
+import signal
 import sys
+import threading
 import time
-from functools import partial
+from functools import partial, wraps
 from typing import NamedTuple
 
 import jax
@@ -98,12 +101,19 @@ def resettable_scan(elements, start, scan="associative"):
 
 # =============================================================================================
 # (2) The Q network (paper Sec. 5), its parameters a plain pytree of arrays:
-#     observation -> Linear -> LayerNorm -> leaky ReLU -> memory -> dueling head.
+#     observation -> block -> memory -> block -> block -> dueling head,
+# with block = Linear -> LayerNorm -> leaky ReLU: the paper code's network (its modules.py).
 # The embedding and the head are the same for every memory; the memory's maps follow them.
-def init_linear(key, n_in, n_out):
+# Our first network (one LayerNorm with a learned scale and bias, a head of one Linear-leaky-
+# ReLU layer with the default start) learned far less per update: CountRecallEasy -0.44
+# against +0.93..+0.98 with this one (README section 5; benchmarks/ablations.py first_network).
+def init_linear(key, n_in, n_out, scale=1.0, bias="zero"):
+    """Weight uniform in +-scale/sqrt(n_in); bias zero, or uniform in +-1/sqrt(n_in)."""
+    kw, kb = jax.random.split(key)
     bound = 1.0 / np.sqrt(n_in)
-    return {"w": jax.random.uniform(key, (n_in, n_out), minval=-bound, maxval=bound),
-            "b": jnp.zeros(n_out)}
+    return {"w": scale * jax.random.uniform(kw, (n_in, n_out), minval=-bound, maxval=bound),
+            "b": jnp.zeros(n_out) if bias == "zero"
+            else jax.random.uniform(kb, (n_out,), minval=-bound, maxval=bound)}
 
 
 def linear(p, x):
@@ -116,15 +126,31 @@ def layer_norm(x, p=None, eps=1e-5):
     return x if p is None else x * p["scale"] + p["bias"]
 
 
+def init_embed_and_head(key, obs_dim, num_actions, width):
+    """The embedding and head parameters, started as in the paper code: the head's blocks as
+    equinox's Linear (uniform biases), V and A 10x smaller with zero bias, so Q starts near 0."""
+    k = jax.random.split(key, 5)
+    return {"embed": init_linear(k[0], obs_dim, width),
+            "head": {"block0": init_linear(k[1], width, width, bias="uniform"),
+                     "block1": init_linear(k[2], width, width, bias="uniform"),
+                     "value": init_linear(k[3], width, 1, scale=0.1),
+                     "advantage": init_linear(k[4], width, num_actions, scale=0.1)}}
+
+
+def block(p, x):
+    """Linear -> LayerNorm (no learned scale or bias) -> leaky ReLU."""
+    return jax.nn.leaky_relu(layer_norm(linear(p, x)))
+
+
 def embed(params, obs):
     """Observation o_t -> embedding x_t, the memory's input."""
-    return jax.nn.leaky_relu(layer_norm(linear(params["embed"], obs), params["embed_ln"]))
+    return block(params["embed"], obs)
 
 
 def q_head(params, y):
-    """Dueling head on the memory's output y_t: Q = V + A - mean(A)."""
+    """Dueling head on the memory's output y_t: two blocks, then Q = V + A - mean(A)."""
     p = params["head"]
-    hidden = jax.nn.leaky_relu(linear(p["hidden"], y))
+    hidden = block(p["block1"], block(p["block0"], y))
     advantage = linear(p["advantage"], hidden)
     return linear(p["value"], hidden) + advantage - advantage.mean(-1, keepdims=True)
 # ==== end shared: scan and layers ====
@@ -161,14 +187,9 @@ def init_lru_block(key, width, n, args):
 
 def init_params(key, obs_dim, num_actions, args):
     width = args.hidden_size
-    k = jax.random.split(key, 4 + args.num_layers)
-    return {
-        "embed": init_linear(k[0], obs_dim, width),
-        "embed_ln": {"scale": jnp.ones(width), "bias": jnp.zeros(width)},
-        "lru": [init_lru_block(kb, width, args.state_size, args) for kb in k[4:]],
-        "head": {"hidden": init_linear(k[1], width, width), "value": init_linear(k[2], width, 1),
-                 "advantage": init_linear(k[3], width, num_actions)},
-    }
+    k = jax.random.split(key, 1 + args.num_layers)
+    return init_embed_and_head(k[0], obs_dim, num_actions, width) | {
+        "lru": [init_lru_block(kb, width, args.state_size, args) for kb in k[1:]]}
 
 
 def lru_lambda(p):
@@ -234,17 +255,16 @@ def add_model_flags(parser):
     g.add_argument("--state-size", type=POSITIVE_INT, default=128,
                    help="LRU state size N: complex diagonal states per block")
     g.add_argument("--num-layers", type=POSITIVE_INT, default=2, help="stacked LRU blocks")
-    # Not the LRU paper's generic r_min=0, r_max=1, max phase 2 pi: with those most states
-    # forget within a few steps and the rest rotate fast, while POPGym's memory tasks must hold
-    # one observation still for a whole episode (~50 steps for Easy). Radii in [0.9, 0.999] keep
-    # memories of ~10 to ~1000 steps; small phases keep them nearly still (Orvieto et al.'s
-    # setting for their longest-range task).
-    g.add_argument("--r-min", type=float, default=0.9,
+    # The paper code's ring: radii over [0, 1) and phases up to 2 pi, so the states span memories
+    # from one step to ~10,000 at every frequency. A narrow ring of slow, nearly still states
+    # (|lambda| in [0.9, 0.999], phases up to pi/10; benchmarks/reproduce.py first_lru_init)
+    # learned RepeatFirstEasy ~2.5x faster but never RepeatPrevious(2, 10) (README section 5).
+    g.add_argument("--r-min", type=float, default=0.0,
                    help="smallest |lambda| of the ring initialisation (memory ~1/(1-r) steps)")
-    g.add_argument("--r-max", type=POSITIVE_FLOAT, default=0.999,
+    g.add_argument("--r-max", type=POSITIVE_FLOAT, default=0.9999,
                    help="largest |lambda| of the ring initialisation")
-    g.add_argument("--max-phase", type=POSITIVE_FLOAT, default=np.pi / 10,
-                   help="largest initial phase arg(lambda), in radians")
+    g.add_argument("--max-phase", type=POSITIVE_ANGLE, default=6.28,
+                   help="largest initial phase arg(lambda), in radians (a number, or pi/10, 2*pi)")
 
 
 def check_model_flags(args):
@@ -256,8 +276,8 @@ def check_model_flags(args):
 # =============================================================================================
 # (3) The tape (paper Sec. 4.2): one flat ring of transitions on the device. Episodes are
 # stored whole and contiguously (modulo the ring), oldest first; adding one evicts the oldest
-# *whole* episodes until it fits, so no stored episode is ever partly overwritten. Each step
-# remembers where its episode starts and how long it is: all that sampling and eviction need.
+# *whole* episodes until it fits, so no stored episode is ever partly overwritten. A second
+# ring lists where each stored episode starts: all that sampling and eviction need.
 class Transition(NamedTuple):
     """One step; the tape holds each field as a column with a leading [N] axis."""
     obs: jax.Array  # [obs_dim] float32
@@ -277,46 +297,51 @@ def zero_transitions(shape, obs_dim, zeros=jnp.zeros):
 
 class Tape(NamedTuple):
     steps: Transition  # columns [N, ...], a ring
-    episode_start: jax.Array  # [N] int32: ring index of the first step of the step's episode
     episode_length: jax.Array  # [N] int32: length of the step's episode
-    head: jax.Array  # [] int32: ring index of the oldest stored step
+    episodes: jax.Array  # [N] int32: a ring of the stored episodes' first steps, oldest first
+    oldest: jax.Array  # [] int32: where in `episodes` the oldest stored episode is
+    count: jax.Array  # [] int32: number of stored episodes (each has >= 1 step, so <= N)
     size: jax.Array  # [] int32: number of stored steps
 
 
 def init_tape(capacity, obs_dim):
     ints = lambda: jnp.zeros(capacity, jnp.int32)  # noqa: E731  (own arrays: all are donated)
-    return Tape(zero_transitions((capacity,), obs_dim), ints(), ints(), jnp.int32(0), jnp.int32(0))
+    return Tape(zero_transitions((capacity,), obs_dim), ints(), ints(), jnp.int32(0),
+                jnp.int32(0), jnp.int32(0))
 
 
 @partial(jax.jit, donate_argnums=0)  # donated: the ring is updated in place, not copied
 def add_episode(tape, episode, length):
     """Append one episode: a Transition of [T, ...] columns whose first `length` rows are real."""
-    capacity = tape.episode_start.shape[0]
+    capacity = tape.episodes.shape[0]
 
     def evict_oldest(ring):
-        head, size = ring
-        n = tape.episode_length[head]
-        return (head + n) % capacity, size - n
+        oldest, count, size = ring
+        return (oldest + 1) % capacity, count - 1, size - tape.episode_length[tape.episodes[oldest]]
 
-    head, size = jax.lax.while_loop(lambda ring: ring[1] + length > capacity, evict_oldest,
-                                    (tape.head, tape.size))
-    write = (head + size) % capacity
+    oldest, count, size = jax.lax.while_loop(lambda ring: ring[2] + length > capacity,
+                                             evict_oldest, (tape.oldest, tape.count, tape.size))
+    write = (tape.episodes[oldest] + size) % capacity  # after the newest (anywhere if empty)
     t = jnp.arange(episode.obs.shape[0])
     idx = jnp.where(t < length, (write + t) % capacity, capacity)  # padding rows: dropped
     put = lambda column, new: column.at[idx].set(new.astype(column.dtype), mode="drop")  # noqa: E731
-    return Tape(jax.tree.map(put, tape.steps, episode), put(tape.episode_start, write),
-                put(tape.episode_length, length), head, size + length)
+    episodes = tape.episodes.at[(oldest + count) % capacity].set(write)
+    return Tape(jax.tree.map(put, tape.steps, episode), put(tape.episode_length, length),
+                episodes, oldest, count + 1, size + length)
 
 
 def sample_tape(tape, key, batch_size):
     """A training tape: whole episodes concatenated into exactly `batch_size` steps; only the
-    last one may be cut. Episodes are drawn with replacement, in proportion to their length
-    (a uniformly random stored step brings its whole episode), so that every stored step is
-    equally likely to be trained on. -> (steps [B, ...], episode-start flags [B])."""
-    capacity = tape.episode_start.shape[0]
+    last one may be cut. Episodes are drawn uniformly, with replacement (as in the paper), and
+    each is taken whole, so every stored step is equally likely to be trained on, as in uniform
+    replay (the cut at the end takes a little from late steps of long episodes). Drawing
+    episodes in proportion to their length instead would weight each step by its episode's
+    length. -> (steps [B, ...], episode-start flags [B])."""
+    capacity = tape.episodes.shape[0]
     # B draws always suffice: each episode gives at least one step.
-    pos = (tape.head + jax.random.randint(key, (batch_size,), 0, tape.size)) % capacity
-    begin, length = tape.episode_start[pos], tape.episode_length[pos]
+    drawn = (tape.oldest + jax.random.randint(key, (batch_size,), 0, tape.count)) % capacity
+    begin = tape.episodes[drawn]
+    length = tape.episode_length[begin]
     ends = jnp.cumsum(length)
     slot = jnp.arange(batch_size)
     k = jnp.searchsorted(ends, slot, side="right")  # the drawn episode that fills each slot
@@ -407,30 +432,94 @@ def epsilon_at(step, args):
     return max(args.end_e, args.start_e + (args.end_e - args.start_e) * progress)
 
 
-def train(args):
-    """The algorithm box: act in all envs with the recurrent policy, put every finished
-    episode on the tape whole, and every --train-frequency steps run one train phase."""
-    make_env, cap = resolve_env(args.env_id, args.max_episode_steps, args.env_kwargs,
-                                args.prev_action)
-    for flag in ("buffer_size", "batch_size"):  # each must hold a whole episode
+def check_sizes(args, cap):
+    """TBB's size rule: the tape and a training tape each hold the longest episode whole
+    (sbb_baseline_dqn.py swaps in its own rule)."""
+    for flag in ("buffer_size", "batch_size"):
         if getattr(args, flag) < cap:
             fail(f"--{flag.replace('_', '-')} {getattr(args, flag)} is smaller than the longest "
                  f"episode of {args.env_id} ({cap} steps)")
-    envs = make_vector_env(make_env, args.num_envs)
-    eval_envs = make_vector_env(make_env, args.eval_episodes)
-    obs_dim, num_actions = envs.single_observation_space.shape[0], envs.single_action_space.n
+
+
+def check_memory(args, cap, obs_dim, params):
+    """Refuse, before anything is allocated, sizes that cannot fit in memory (the device's; a
+    CPU's is the RAM). Bytes counted from below: a tape step holds 2 observations, 4 scalars
+    and 2 ring ints; a batch step also a prefix state (the size of an env's recurrent state)
+    per o_t and o_t+1 and network; an env its state in and out and its episode so far."""
+    step = 8 * obs_dim + 18
+    state = sum(x.size * x.dtype.itemsize for x in
+                jax.tree.leaves(jax.eval_shape(lambda p: initial_carry(p, 1), params)))
+    needs = {"--buffer-size": args.buffer_size * step,
+             "--batch-size": args.batch_size * (step + 4 * state),
+             "--num-envs": args.num_envs * (2 * state + cap * step),
+             "--eval-episodes": args.eval_episodes * 2 * state}
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit", ram)
+    flag, total = max(needs, key=needs.get), sum(needs.values())
+    if total > limit:
+        fail(f"{flag} {getattr(args, flag[2:].replace('-', '_')):,d} cannot fit in memory: it "
+             f"alone needs over {needs[flag] / 2**30:,.1f} GiB, the run over {total / 2**30:,.1f} "
+             f"GiB, and there are {limit / 2**30:,.1f} GiB")
+
+
+def stops_cleanly(train):
+    """train(args, stop), made to end cleanly. SIGINT (Ctrl-C) or SIGTERM fills `stop`, which
+    the loop reads once a step: the run then ends as if finished (its last metrics row,
+    params.npz, the plot) and exits 130, from train itself, so that a caller running several
+    runs (vml_analysis.py) stops too. A second signal acts at once. Out of memory: one line."""
+    @wraps(train)
+    def run(args):
+        stop = []
+
+        def on_signal(signum, frame):
+            stop.append(signum)
+            signal.signal(signum, old[signum])
+
+        main = threading.current_thread() is threading.main_thread()  # the one with signals
+        old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM) if main}
+        try:
+            return train(args, stop)
+        except KeyboardInterrupt:  # a second Ctrl-C
+            fail("interrupted", code=130)
+        except (MemoryError, jax.errors.JaxRuntimeError) as e:
+            if isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e):
+                fail(f"out of memory ({(str(e) or 'MemoryError').splitlines()[0][:200]}); try a "
+                     "smaller --batch-size, --buffer-size or --num-envs", code=1)
+            raise
+        finally:
+            for s, handler in old.items():
+                signal.signal(s, handler)
+
+    return run
+
+
+@stops_cleanly
+def train(args, stop):
+    """The algorithm box: act in all envs with the recurrent policy, put every finished
+    episode on the tape whole, and every --train-frequency steps run one train phase. Called
+    as train(args); `stop` fills when a signal asks the run to end (stops_cleanly)."""
+    make_env, cap = resolve_env(args.env_id, args.max_episode_steps, args.env_kwargs,
+                                args.prev_action)
+    check_sizes(args, cap)
+    probe = make_env()  # one env for the sizes: nothing large is made before the checks
+    obs_dim, num_actions = probe.observation_space.shape[0], int(probe.action_space.n)
     # On a CPU the lax.scan (n ops in n steps) beats the associative scan (about 2n ops in
     # 2 log n passes); on a GPU/TPU the O(log n) depth wins at large B.
     cpu = jax.default_backend() == "cpu"
     scan = args.scan if args.scan != "auto" else "sequential" if cpu else "associative"
 
     key, init_key, act_key = jax.random.split(jax.random.PRNGKey(args.seed), 3)
-    # Jitted set-up: one compile instead of dozens of small eager ones.
-    params = jax.jit(lambda k: init_params(k, obs_dim, num_actions, args))(init_key)
+    init = lambda k: init_params(k, obs_dim, num_actions, args)  # noqa: E731
+    shapes, meta = jax.eval_shape(init, init_key), checkpoint_meta(args, obs_dim, num_actions)
+    check_memory(args, cap, obs_dim, shapes)  # the checks need the shapes only: no compute
     if args.load_model:
-        params = load_params(params, args.load_model)
+        params = load_params(shapes, args.load_model, meta)
+    else:  # jitted: one compile instead of dozens of small eager ones
+        params = jax.jit(init)(init_key)
     # Made only now that every input is checked: bad input leaves no empty run folder.
     run_dir, log = start_run(args, scan_used=scan, episode_cap=cap)
+    envs = make_vector_env(make_env, args.num_envs)
+    eval_envs = make_vector_env(make_env, args.eval_episodes)
     optimizer = make_optimizer(args)
     target = jax.jit(partial(jax.tree.map, jnp.copy))(params)  # own buffers: both are donated
     state = TrainState(params, target, jax.jit(optimizer.init)(params))
@@ -446,8 +535,8 @@ def train(args):
     carry, start = initial_carry(params, args.num_envs), np.ones(args.num_envs, bool)
     ep_return, returns, metrics = np.zeros(args.num_envs), [], []
     step = episodes = phases = 0
-    eval_return = float("nan")
-    while step < args.total_timesteps:
+    eval_return, interrupted = float("nan"), False
+    while step < args.total_timesteps and not interrupted:
         # Collect: one step in every env.
         epsilon = epsilon_at(step, args)
         actions, carry = act(state.params, carry, obs, start, epsilon, act_key, step)
@@ -479,7 +568,8 @@ def train(args):
             metrics.append(phase_metrics)
             phases += 1
         # Evaluate and log where these steps passed a multiple of --eval-every / --log-every.
-        finished = step >= args.total_timesteps
+        interrupted = bool(stop)  # read once a step, so that the step that stops also logs
+        finished = step >= args.total_timesteps or interrupted
         if step % args.eval_every < args.num_envs or finished:
             eval_return = evaluate(state.params, eval_envs, args.eval_episodes)
         if step % args.log_every < args.num_envs or finished:
@@ -495,9 +585,16 @@ def train(args):
             returns, metrics, eval_return = [], [], float("nan")
     envs.close()
     eval_envs.close()
-    plot_learning_curve(run_dir, f"{args.exp_name} on {args.env_id}")
+    # What was learned first; the plot is optional, so a failing one costs a warning only.
     if args.save_model:
-        save_params(state.params, os.path.join(run_dir, "params.npz"))
+        save_params(state.params, os.path.join(run_dir, "params.npz"), meta)
+    try:
+        plot_learning_curve(run_dir, f"{args.exp_name} on {args.env_id}")
+    except Exception as e:  # noqa: BLE001  (matplotlib and a full disk raise many kinds)
+        print(f"warning: no learning_curve.png ({type(e).__name__}: {e})", file=sys.stderr)
+    if interrupted:
+        print(f"interrupted at step {step:,d}; results in {run_dir}")
+        sys.exit(130)  # 128 + SIGINT: the shell's code for an interrupted program
     print(f"done: {step:,d} steps; results in {run_dir}")
     return run_dir
 
@@ -532,6 +629,19 @@ POSITIVE_FLOAT = checked(float, lambda v: v > 0, "positive")
 UNIT = checked(float, lambda v: 0 <= v <= 1, "in [0, 1]")
 OPEN_UNIT = checked(float, lambda v: 0 < v <= 1, "in (0, 1]")
 JSON_OBJECT = checked(json.loads, lambda v: isinstance(v, dict), "a JSON object", "JSON")
+
+
+def pi_float(text):
+    """A float, or a multiple or fraction of pi as written in the README: pi/10, 2*pi, 2pi/3."""
+    number, _, divisor = text.replace(" ", "").partition("/")
+    factor, pi, rest = number.partition("pi")
+    if rest or divisor and float(divisor) == 0:
+        raise ValueError(text)  # argparse: "invalid float value"
+    value = float(factor.removesuffix("*") or 1) * np.pi if pi else float(factor)
+    return value / float(divisor or 1)
+
+
+POSITIVE_ANGLE = checked(pi_float, lambda v: v > 0, "positive", "float")
 
 
 def make_parser():
@@ -585,6 +695,9 @@ def parse_args(argv=None):
     check_model_flags(args)
     if args.load_model is not None and not os.path.isfile(args.load_model):
         fail(f"--load-model: no such file {args.load_model!r}")
+    if args.learning_starts >= args.total_timesteps:
+        fail(f"--learning-starts {args.learning_starts:,d} is not below --total-timesteps "
+             f"{args.total_timesteps:,d}: no update would run")
     return args
 
 
@@ -676,20 +789,35 @@ def start_run(args, **extra):
         json.dump(vars(args) | extra, f, indent=2)
     print(f"{run_name}: {args.env_id}, {', '.join(f'{k} {v}' for k, v in extra.items())}, "
           f"backend {jax.default_backend()}, run folder {run_dir}")
-    file = open(os.path.join(run_dir, "metrics.csv"), "w", newline="")
-    writer, t0 = csv.DictWriter(file, ("global_step", "episodes", "updates", "train_return",
-                                       "eval_return", "td_loss", "q_values", "density",
-                                       "epsilon", "sps", "elapsed_s")), time.time()
-    writer.writeheader()
+    path, fields = os.path.join(run_dir, "metrics.csv"), (
+        "global_step", "episodes", "updates", "train_return", "eval_return", "td_loss",
+        "q_values", "density", "epsilon", "sps", "elapsed_s")
+    file, t0 = open(path, "wb", buffering=0), time.time()  # unbuffered: one write per row
+
+    def write_row(row):  # in one write; a row the disk takes part of is cut off again
+        text, size = io.StringIO(), file.tell()
+        csv.DictWriter(text, fields).writerow(row)
+        try:
+            error = None if file.write(text.getvalue().encode()) == text.tell() else "disk full"
+        except OSError as e:
+            error = e.strerror
+        if error:
+            file.truncate(size)
+            fail(f"cannot write {path} ({error}); its earlier rows are whole", code=1)
+
+    write_row(dict(zip(fields, fields)))  # the header
     clock = lambda s: f"{int(s) // 60}m{int(s) % 60:02d}s"  # noqa: E731
+
+    def num(value, spec):  # "-", not nan: no episode ended, no evaluation or no update yet
+        return "-".center(len(format(0.0, spec))) if np.isnan(value) else format(value, spec)
 
     def log(**row):
         elapsed, step = time.time() - t0, row["global_step"]
-        writer.writerow(row | {"sps": step / elapsed, "elapsed_s": elapsed})
-        file.flush()
+        write_row(row | {"sps": step / elapsed, "elapsed_s": elapsed})
         print(f"step {step:>9,d} | SPS {step / elapsed:6.0f} | train return "
-              f"{row['train_return']:+.3f} | eval return {row['eval_return']:+.3f} | loss "
-              f"{row['td_loss']:.2e} | eps {row['epsilon']:.3f} | {clock(elapsed)} elapsed, "
+              f"{num(row['train_return'], '+.3f')} | eval return "
+              f"{num(row['eval_return'], '+.3f')} | loss {num(row['td_loss'], '.2e')} | eps "
+              f"{row['epsilon']:.3f} | {clock(elapsed)} elapsed, "
               f"ETA {clock(elapsed * (args.total_timesteps - step) / step)}", flush=True)
 
     return run_dir, log
@@ -706,28 +834,69 @@ def plot_learning_curve(run_dir, title):
     ax.plot([int(r["global_step"]) for r in rows], [float(r["eval_return"]) for r in rows], "o-")
     ax.set(xlabel="environment steps", ylabel="mean greedy eval return", title=title)
     ax.grid(alpha=0.3)
-    fig.savefig(os.path.join(run_dir, "learning_curve.png"), dpi=120)
+    write_whole(os.path.join(run_dir, "learning_curve.png"),
+                partial(fig.savefig, format="png", dpi=120))
     plt.close(fig)
 
 
-def save_params(params, path):
+def write_whole(path, write):
+    """write(file) to a temporary file, then renamed: a crash or a full disk leaves the old
+    file or none at `path`, never half of one (that --load-model would read)."""
+    try:
+        with open(f"{path}.part", "wb") as f:
+            write(f)
+        os.replace(f"{path}.part", path)
+    finally:
+        if os.path.exists(f"{path}.part"):
+            os.remove(f"{path}.part")
+
+
+# A checkpoint says what it is (in its __meta__ entry), so that --load-model can name what
+# differs: the script (memory), the env's sizes, the model flags.
+def checkpoint_meta(args, obs_dim, num_actions):
+    model = Parser(add_help=False)
+    add_model_flags(model)
+    return {"script": os.path.basename(__file__), "env_id": args.env_id, "obs_dim": int(obs_dim),
+            "num_actions": int(num_actions),
+            "model_flags": {k: getattr(args, k) for k in vars(model.parse_args([]))}}
+
+
+def save_params(params, path, meta=None):
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    np.savez(path, **{jax.tree_util.keystr(k, simple=True, separator="/"): np.asarray(v)
-                      for k, v in flat})
+    arrays = {jax.tree_util.keystr(k, simple=True, separator="/"): np.asarray(v) for k, v in flat}
+    try:
+        write_whole(path, lambda f: np.savez(f, **arrays, __meta__=json.dumps(meta or {})))
+    except OSError as e:
+        fail(f"cannot write {path} ({e.strerror or e})", code=1)
 
 
-def load_params(template, path):
-    """Params from a --save-model file, checked leaf by leaf against the model flags."""
+def load_params(template, path, meta=None):
+    """Params from a --save-model file, checked against `meta` (checkpoint_meta of this run),
+    then leaf by leaf against the template."""
     try:
         stored = dict(np.load(path))
+        was = json.loads(str(stored.pop("__meta__", "{}")))
     except Exception:  # noqa: BLE001  (numpy raises several kinds for a file that is no .npz)
         fail(f"--load-model {path}: not a params.npz written by --save-model")
+    hint = "use the model flags it was trained with"
+    if meta and was:  # older files do not say what they are
+        if was["script"] != meta["script"]:
+            fail(f"--load-model {path}: a checkpoint of {was['script']}, not of {meta['script']}")
+        if (was["obs_dim"], was["num_actions"]) != (meta["obs_dim"], meta["num_actions"]):
+            fail(f"--load-model {path}: made on {was['env_id']} ({was['obs_dim']} observation "
+                 f"inputs, {was['num_actions']} actions); {meta['env_id']} has "
+                 f"{meta['obs_dim']} and {meta['num_actions']}")
+        # named where a parameter's shape differs: flags that only start a network may differ
+        now = meta["model_flags"]
+        differ = ", ".join(f"--{k.replace('_', '-')} {v} (this run: {now.get(k)})"
+                           for k, v in was["model_flags"].items() if v != now.get(k))
+        hint = f"it was made with {differ}" if differ else hint
 
     def load(key, leaf):
         name = jax.tree_util.keystr(key, simple=True, separator="/")
         if name not in stored or stored[name].shape != leaf.shape:
             fail(f"--load-model {path}: parameter {name} is missing or shaped differently; "
-                 "use the model flags it was trained with")
+                 + hint)
         return jnp.asarray(stored[name])
 
     return jax.tree_util.tree_map_with_path(load, template)

@@ -120,11 +120,14 @@ def masked_td_loss(q_tape, params, target_params, batch, gamma, scan):
     """Mean Huber TD error over the real steps of a batch of segments, and metrics to log.
 
     Padded steps enter neither: they come after every real step of their segment (so the
-    causal scan keeps them out of real steps' Q), and their errors are selected away.
+    causal scan keeps them out of real steps' Q), and their errors are selected away. That
+    holds for finite padding, which the buffer's zeros are: a NaN or inf in a padded slot would
+    still give a NaN gradient, as jnp.where differentiates both of its branches.
     """
     q_taken, target, mask = taken_q_and_targets(q_tape, params, target_params, batch, gamma, scan)
     real = jnp.maximum(mask.sum(), 1)
-    # jnp.where, not a product with the mask: a padded step cannot reach the loss or its gradient
+    # jnp.where, not a product with the mask: a padded step's (finite) error cannot reach the
+    # loss or its gradient, whatever its size
     loss = jnp.where(mask, optax.huber_loss(q_taken, target), 0.0).sum() / real
     return loss, {"q_values": jnp.where(mask, q_taken, 0.0).sum() / real, "density": mask.mean()}
 
@@ -142,9 +145,21 @@ def load_script(memory):
     return script
 
 
+def check_segment_sizes(args, cap):
+    """SBB's size rule, in place of TBB's (a tape and a batch each hold a whole episode): the
+    ring holds the segments of the longest episode, and a batch one segment (parse_args)."""
+    L = args.segment_length
+    capacity, needed = args.buffer_size // L, -(-cap // L)
+    if capacity < needed:
+        ffm_tbb_dqn.fail(f"--buffer-size {args.buffer_size} holds {capacity} segments of {L} "
+                         f"steps; the longest episode of {args.env_id} ({cap} steps) needs "
+                         f"{needed}")
+
+
 def segment_script(memory, segment_length):
     """The TBB script of `memory` with Segment-Based Batching at L = `segment_length`."""
     tbb, L = load_script(memory), segment_length
+    tbb.check_sizes = check_segment_sizes
     tbb.init_tape = lambda capacity, obs_dim: init_segments(
         tbb.zero_transitions((capacity // L, L), obs_dim))
     tbb.add_episode = add_segments
@@ -172,7 +187,7 @@ def parse_args(argv=None):
 
     tbb.make_parser = make_parser
     args = tbb.parse_args(argv)
-    if not 0 < args.segment_length <= args.batch_size:
+    if not 0 < args.segment_length <= args.batch_size:  # a batch holds one segment
         tbb.fail(f"--segment-length must be in [1, --batch-size {args.batch_size}], "
                  f"got {args.segment_length}")
     args.exp_name = args.exp_name or f"sbb_{args.memory}_L{args.segment_length}"
@@ -185,12 +200,9 @@ def train(args, tbb=None):
     tbb = tbb or segment_script(args.memory, L)
     _, cap = tbb.resolve_env(args.env_id, args.max_episode_steps, args.env_kwargs,
                              args.prev_action)
-    capacity, needed = args.buffer_size // L, -(-cap // L)
-    if capacity < needed:
-        tbb.fail(f"--buffer-size {args.buffer_size} holds {capacity} segments of {L} steps; "
-                 f"the longest episode of {args.env_id} ({cap} steps) needs {needed}")
+    check_segment_sizes(args, cap)  # here too, to check before the line below
     print(f"SBB with {args.memory}: batches of {args.batch_size // L} segments of {L} steps, "
-          f"a ring of {capacity} segments")
+          f"a ring of {args.buffer_size // L} segments")
     return tbb.train(args)
 
 

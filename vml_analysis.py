@@ -40,9 +40,10 @@ import sbb_baseline_dqn as sbb
 
 
 # The LRU ring of the paper's code (Orvieto et al.'s generic one): |lambda| over [0, 1), phases
-# up to 2 pi. Our script's default ring (|lambda| 0.9-0.999, phases up to pi/10) holds an
-# observation still for a long time, which RepeatFirst needs, but learns this task's exact
-# 9-step delay slowly (README 5.6).
+# up to 2 pi, lru_tbb_dqn.py's default since issue 25, given explicitly so that these runs stay
+# the same if that default moves. Our first ring (|lambda| 0.9-0.999, phases up to pi/10) holds
+# an observation still for a long time, which RepeatFirst needs, but learns this task's exact
+# 9-step delay slowly (benchmarks/RESULTS.md, value memory length).
 MEMORY_FLAGS = {"lru": ["--r-min", "0", "--r-max", "0.9999", "--max-phase", "6.28"]}
 
 
@@ -54,7 +55,7 @@ def parse_args(argv=None):
     add("--k", type=positive, default=10, help="RepeatPrevious: repeat the suit k steps ago")
     add("--num-decks", type=positive, default=2, help="RepeatPrevious: decks (episode length)")
     add("--gamma", type=tbb.UNIT, default=0.5, help="discount of every training run")
-    # With the ring above every TBB seed of our LRU evaluated >= 0.99 from 130k steps (README 5.6)
+    # With the ring above every TBB seed of our LRU evaluated >= 0.99 from 130k steps (RESULTS.md)
     add("--total-timesteps", type=positive, default=300_000, help="env steps of every run")
     add("--segment-lengths", type=positive, nargs="+", default=[10, 20], help="SBB's L")
     add("--seeds", type=positive, default=3, help="seeds 1..N of every batching")
@@ -111,11 +112,21 @@ def q_fn_of(script, params):
 # ---------------------------------------------------------------------------------------------
 # Training (the scripts' own code), or the finished run, and greedy episodes
 # ---------------------------------------------------------------------------------------------
+def finished(run_dir, total_timesteps):
+    """A run that went the whole way: params.npz, and a last metrics row at the budget (an
+    interrupted run keeps its params.npz too)."""
+    if not os.path.isfile(os.path.join(run_dir, "params.npz")):
+        return False
+    with open(os.path.join(run_dir, "metrics.csv")) as f:
+        rows = list(csv.DictReader(f))
+    return bool(rows) and int(rows[-1]["global_step"]) >= total_timesteps
+
+
 def trained_run(args, batching, seed, run_flags):
-    """The run folder of (batching, seed): reused when it holds params.npz, else trained."""
+    """The run folder of (batching, seed): reused when it finished, else trained."""
     out = os.path.join(args.output_dir, "runs", batching, f"seed{seed}")
     done = [os.path.join(out, d) for d in sorted(os.listdir(out))] if os.path.isdir(out) else []
-    done = [d for d in done if os.path.isfile(os.path.join(d, "params.npz"))]
+    done = [d for d in done if finished(d, args.total_timesteps)]
     if done:
         return done[-1]
     flags = [*run_flags, "--seed", str(seed), "--save-model", "--output-dir", out,

@@ -11,20 +11,22 @@ modules stay untouched), replaces one function with what the paper's code
                     or segment), not the prefix state after o_t combined with o_t+1
   lt_normaliser     linear attention normalised by (sum z)(sum phi(q)), not phi(q) . z
                     (linear transformer only)
-  uniform_episodes  training tapes of episodes drawn uniformly, not in proportion to their
-                    length (TBB only)
-  paper_network     the paper code's embedding and Q head (modules.py): LayerNorm without a
-                    learned scale and bias, and a head of two Linear-LayerNorm-leaky-ReLU blocks
-                    whose value and advantage layers start 10x smaller (uniform in
-                    +-0.1/sqrt(fan-in), zero bias), not one Linear-leaky-ReLU layer. The
-                    memories' own layers stay ours; with FFM this gives the paper's parameter
-                    count (430,537 at the default sizes, ours 365,257)
-  small_head_init   our network, with only the value and advantage layers starting 10x smaller
-                    (one part of paper_network)
+  episodes_by_length  training tapes of episodes drawn in proportion to their length (a random
+                    stored step brings its episode), not uniformly (TBB only; our sampler before
+                    uniform episode draws became the default, which the paper's code also uses)
+  first_network     our first embedding and Q head, the scripts' default before the paper
+                    code's network replaced it: one LayerNorm with a learned scale and bias, and a
+                    head of one Linear-leaky-ReLU layer with the default start (zero biases), not
+                    two Linear-LayerNorm-leaky-ReLU blocks and value and advantage layers that
+                    start 10x smaller. With FFM: 365,257 parameters (the default 430,537)
+  small_head_init   first_network with its value and advantage layers starting 10x smaller
+                    (one part of the default network; give first_network too)
+  head_layernorm    first_network with a LayerNorm (no scale or bias) after the head's hidden
+                    layer, before its leaky ReLU (another part; give first_network too)
   paper_lt_block    the paper code's linear-attention block around the same scan: keys and
                     queries without bias, a three-layer MLP, an output LayerNorm with a learned
                     scale and bias, every other bias uniform like equinox's (linear transformer
-                    only; with paper_network: its 349,205 parameters, ours 217,653)
+                    only; its 349,205 parameters, the default 282,933)
   fixed_eval_seeds  every evaluation plays the same episodes (the paper's fixed eval seeds), not
                     fresh ones; reproduce.py plots the best-so-far curve of any run
 
@@ -33,7 +35,7 @@ needs no code: it is the flags --num-envs 1 --train-frequency <episode length>.
 
 Run:   python benchmarks/ablations.py sbb_loss --memory ffm --segment-length 50 [script flags]
        python benchmarks/ablations.py rescan_target --memory lru [script flags]    (TBB)
-       python benchmarks/ablations.py paper_network+fixed_eval_seeds [script flags]  (several)
+       python benchmarks/ablations.py first_network+fixed_eval_seeds [script flags]  (several)
 --segment-length picks SBB; without it the run is TBB. Every other flag is the script's.
 """
 
@@ -78,23 +80,20 @@ def paper_attention(params, state, x, eps=1e-6):
     return a.reshape(a.shape[:-2] + (-1,))
 
 
-def sample_uniform_episodes(tape, key, batch_size):
-    """sample_tape with every stored episode equally likely (drawn with replacement)."""
-    capacity = tape.episode_start.shape[0]
-    ring = (tape.head + jnp.arange(capacity)) % capacity  # oldest stored step first
-    stored = jnp.arange(capacity) < tape.size
-    # Each step weighs 1 / its episode's length, so each episode weighs 1 in all.
-    weight = jnp.where(stored, 1.0 / jnp.maximum(tape.episode_length[ring], 1), 0.0)
-    cdf = jnp.cumsum(weight)
-    draw = jax.random.uniform(key, (batch_size,)) * cdf[-1]
-    pos = ring[jnp.minimum(jnp.searchsorted(cdf, draw, side="right"), tape.size - 1)]
-    begin, length = tape.episode_start[pos], tape.episode_length[pos]
-    ends = jnp.cumsum(length)
-    slot = jnp.arange(batch_size)
-    k = jnp.searchsorted(ends, slot, side="right")
-    offset = slot - (ends[k] - length[k])
-    idx = (begin[k] + offset) % capacity
-    return jax.tree.map(lambda column: column[idx], tape.steps), offset == 0
+def episodes_by_length(sample_tape):
+    """sample_tape with episodes drawn in proportion to their length, as a uniformly random
+    stored step bringing its whole episode would (our scripts' sampler before uniform episode
+    draws): it lists every stored step's episode as if it were an episode of its own."""
+    def sample(tape, key, batch_size):
+        capacity = tape.episodes.shape[0]
+        head, j = tape.episodes[tape.oldest], jnp.arange(capacity)
+        # the stored episodes' first steps counted from the oldest step, in order; then padding
+        starts = jnp.where(j < tape.count,
+                           (tape.episodes[(tape.oldest + j) % capacity] - head) % capacity, capacity)
+        each_step = (head + starts[jnp.searchsorted(starts, j, side="right") - 1]) % capacity
+        return sample_tape(tape._replace(episodes=each_step, oldest=jnp.int32(0),
+                                         count=tape.size), key, batch_size)
+    return sample
 
 
 def eqx_uniform(key, shape, n_in):
@@ -107,43 +106,39 @@ def eqx_linear(kw, kb, n_in, n_out):
     return {"w": eqx_uniform(kw, (n_in, n_out), n_in), "b": eqx_uniform(kb, (n_out,), n_in)}
 
 
-def paper_network(script):
-    """Swap the script's embedding and Q head for the paper code's (Block and QHead)."""
+def first_network(script):
+    """Swap the script's embedding and Q head for our first ones."""
     init = script.init_params
 
     def init_params(key, obs_dim, num_actions, args):
         params, width = init(key, obs_dim, num_actions, args), args.hidden_size
-        del params["embed_ln"]  # its LayerNorms have no scale and bias
-        k = jax.random.split(jax.random.fold_in(key, 1), 6)
-
-        def small_linear(kw, n_in, n_out):  # its final_linear: variance scale 0.01, zero bias
-            return {"w": 0.1 * script.init_linear(kw, n_in, n_out)["w"], "b": jnp.zeros(n_out)}
-
-        params["head"] = {"block0": eqx_linear(k[0], k[1], width, width),
-                          "block1": eqx_linear(k[2], k[3], width, width),
-                          "value": small_linear(k[4], width, 1),
-                          "advantage": small_linear(k[5], width, num_actions)}
+        k = jax.random.split(jax.random.fold_in(key, 1), 3)
+        params["embed_ln"] = {"scale": jnp.ones(width), "bias": jnp.zeros(width)}
+        params["head"] = {"hidden": script.init_linear(k[0], width, width),
+                          "value": script.init_linear(k[1], width, 1),
+                          "advantage": script.init_linear(k[2], width, num_actions)}
         return params
 
-    def block(p, x):
-        return jax.nn.leaky_relu(script.layer_norm(script.linear(p, x)))
-
     def embed(params, obs):
-        return block(params["embed"], obs)
+        return jax.nn.leaky_relu(script.layer_norm(script.linear(params["embed"], obs),
+                                                   params["embed_ln"]))
 
-    def q_head(params, y):
-        p = params["head"]
-        hidden = block(p["block1"], block(p["block0"], y))
-        advantage = script.linear(p["advantage"], hidden)
-        return script.linear(p["value"], hidden) + advantage - advantage.mean(-1, keepdims=True)
+    script.init_params, script.embed = init_params, embed
+    script.q_head = partial(first_head, script, norm=False)
 
-    script.init_params, script.embed, script.q_head = init_params, embed, q_head
+
+def first_head(script, params, y, norm):
+    """Our first head: Q = V + A - mean(A) on one Linear(-LayerNorm if `norm`)-leaky-ReLU layer."""
+    p = params["head"]
+    hidden = script.linear(p["hidden"], y)
+    hidden = jax.nn.leaky_relu(script.layer_norm(hidden) if norm else hidden)
+    advantage = script.linear(p["advantage"], hidden)
+    return script.linear(p["value"], hidden) + advantage - advantage.mean(-1, keepdims=True)
 
 
 def small_head_init(script):
-    """Our network, but its value and advantage layers start 10x smaller (the one part of the
-    paper code's head that is an initialisation, not a layer): which part of paper_network
-    matters."""
+    """first_network's value and advantage layers start 10x smaller (the one part of the
+    default head that is an initialisation, not a layer): which part matters."""
     init = script.init_params
 
     def init_params(key, obs_dim, num_actions, args):
@@ -153,6 +148,12 @@ def small_head_init(script):
         return params
 
     script.init_params = init_params
+
+
+def head_layernorm(script):
+    """first_network's head with its hidden layer normalised as in the default's blocks
+    (Linear -> LayerNorm without scale and bias -> leaky ReLU): which part matters."""
+    script.q_head = partial(first_head, script, norm=True)
 
 
 def paper_lt_block(script):
@@ -214,30 +215,35 @@ def fixed_seed_evaluation(script):
 
 def ablated_script(ablations, memory, segment_length=None):
     """A private copy of the script (TBB, or SBB with `segment_length`) with the changes named in
-    `ablations` ("+"-joined names, e.g. "paper_network+fixed_eval_seeds")."""
+    `ablations` ("+"-joined names, e.g. "first_network+fixed_eval_seeds")."""
     tbb = segment_length is None
     script = sbb.load_script(memory) if tbb else sbb.segment_script(memory, segment_length)
-    for ablation in ablations.split("+"):
+    names = ablations.split("+")
+    if {"small_head_init", "head_layernorm"} & set(names) and "first_network" not in names:
+        raise ValueError("small_head_init and head_layernorm change first_network: add it")
+    for ablation in sorted(names, key=lambda name: name != "first_network"):  # that one first
         if ablation == "sbb_loss" and tbb:
             raise ValueError(f"{ablation} changes SBB only: give --segment-length")
-        if ablation == "uniform_episodes" and not tbb:
-            raise ValueError("uniform_episodes changes TBB only: leave out --segment-length")
+        if ablation == "episodes_by_length" and not tbb:
+            raise ValueError("episodes_by_length changes TBB only: leave out --segment-length")
         if ablation in ("lt_normaliser", "paper_lt_block") and memory != "linear_transformer":
             raise ValueError(f"{ablation} changes the linear transformer only")
         if ablation == "lt_normaliser":
             script.attention = paper_attention
-        elif ablation == "uniform_episodes":
-            script.sample_tape = sample_uniform_episodes
+        elif ablation == "episodes_by_length":
+            script.sample_tape = episodes_by_length(script.sample_tape)
         elif ablation == "rescan_target":
             script.q_tape = rescanned(script.q_tape)
         elif ablation == "sbb_loss":
             pass  # below
-        elif ablation == "paper_network":
-            paper_network(script)
+        elif ablation == "first_network":
+            first_network(script)
         elif ablation == "paper_lt_block":
             paper_lt_block(script)
         elif ablation == "small_head_init":
             small_head_init(script)
+        elif ablation == "head_layernorm":
+            head_layernorm(script)
         elif ablation == "fixed_eval_seeds":
             fixed_seed_evaluation(script)
         else:
@@ -248,12 +254,15 @@ def ablated_script(ablations, memory, segment_length=None):
     return script
 
 
-ABLATIONS = ("sbb_loss", "rescan_target", "lt_normaliser", "uniform_episodes", "paper_network",
-             "small_head_init", "paper_lt_block", "fixed_eval_seeds")
+ABLATIONS = ("sbb_loss", "rescan_target", "lt_normaliser", "episodes_by_length", "first_network",
+             "small_head_init", "head_layernorm", "paper_lt_block", "fixed_eval_seeds")
 
 
 def main(argv):
     fail = sbb.ffm_tbb_dqn.fail  # one line on stderr, exit code 2
+    if argv[:1] in (["-h"], ["--help"]):  # "<ablation> --help": the script's flags as well
+        print(__doc__.strip())
+        sys.exit(0)
     if not argv or not set(argv[0].split("+")) <= set(ABLATIONS):
         fail(f"the first argument must be one or more of {', '.join(ABLATIONS)}, joined by +")
     ablation, flags = argv[0], argv[1:]

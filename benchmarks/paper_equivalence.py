@@ -4,7 +4,7 @@ The paper's code (proroklab/memory-monoids) runs in its own environment (equinox
 project. Step 1, in that environment, builds its linear-attention Q network and writes its
 parameters, a batch of segments, and its SBB loss, gradients and Q on that batch; or only the
 initial parameters of one of its runs. Step 2, here, loads those parameters into our
-linear_transformer_tbb_dqn.py with the ablations paper_network+paper_lt_block+lt_normaliser+
+linear_transformer_tbb_dqn.py (whose default network is the paper code's) with the ablations paper_lt_block+lt_normaliser+
 sbb_loss+rescan_target and prints the largest differences. An `init` file is a --load-model
 checkpoint for that ablated script: our run then starts from the paper run's own weights.
 
@@ -20,7 +20,7 @@ import sys
 
 import numpy as np
 
-ABLATIONS = "paper_network+paper_lt_block+lt_normaliser+sbb_loss+rescan_target"
+ABLATIONS = "paper_lt_block+lt_normaliser+sbb_loss+rescan_target"  # its network is our default
 OBS_DIM, ACTIONS, T, GAMMA = 6, 4, 6, 0.99  # RepeatFirstEasy's sizes; segments of 6 steps
 
 

@@ -3,16 +3,22 @@
 Runs a grid of tasks x models x batchings x seeds by calling the scripts as subprocesses with
 identical flags apart from the batching, then plots mean eval return vs env steps with 95%
 bootstrapped confidence bands (one panel per model and task, one colour per batching) and
-writes a table of final and area-under-curve returns.
+writes a table of final and area-under-curve returns. With --recipe paper and no --batchings,
+--figure or --table it draws README section 5's table and figure instead (--course-table,
+--course-figure): the cells of COURSE_CELLS, TBB and SBB at L = 10, 50, 100, the paper's code
+and its Fig. 3. Every file written is named on stdout.
 
     python benchmarks/reproduce.py --jobs 2      # the default grid: 108 runs, ~1 h 40 min on 2 cores
-    python benchmarks/reproduce.py --plot-only   # redraw from the runs made so far
     python benchmarks/reproduce.py --recipe paper --tasks CountRecallEasy --models ffm
                                                  # the paper's own settings, task by task
+    python benchmarks/reproduce.py --recipe paper --plot-only
+                                                 # README section 5 from the kept curves
+    python benchmarks/reproduce.py --recipe paper --plot-only --variant first_network
+                                                 # the same from the rows tbb+first_network, ...
 
 A batching may carry variants after "+": ablations of benchmarks/ablations.py (e.g.
-tbb+paper_network) and one_env (the paper's collection: one env, --num-envs 1), e.g.
-tbb+paper_network+one_env. A run whose metrics.csv already reaches --total-timesteps is
+tbb+first_network) and one_env (the paper's collection: one env, --num-envs 1), e.g.
+tbb+first_network+one_env. A run whose metrics.csv already reaches --total-timesteps is
 skipped, so the grid resumes. Each finished run's eval curve is also copied into --curves, a
 committed CSV, so the figure and table can be redrawn without runs/ (which is not committed).
 """
@@ -31,17 +37,22 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # ablations.py's, kept equal by a test
-ABLATIONS = ("sbb_loss", "rescan_target", "lt_normaliser", "uniform_episodes", "paper_network",
-             "small_head_init", "paper_lt_block", "fixed_eval_seeds")
+ABLATIONS = ("sbb_loss", "rescan_target", "lt_normaliser", "episodes_by_length", "first_network",
+             "small_head_init", "head_layernorm", "paper_lt_block", "fixed_eval_seeds")
 TBB_SCRIPTS = {"ffm": "ffm_tbb_dqn.py", "lru": "lru_tbb_dqn.py",
                "linear_transformer": "linear_transformer_tbb_dqn.py"}
 # The paper's settings that differ by task (its RepeatPrevious runs use gamma 0.5 and
 # epsilon 0.2 -> 0.1; everything else gamma 0.99 and the scripts' defaults).
 TASK_FLAGS = {"RepeatPreviousEasy": ["--gamma", "0.5", "--end-e", "0.1"]}
-# Variants that are flags of the scripts. paper_lru_init: the paper code's LRU ring (r in [0, 1),
-# phases up to 2 pi; ours keeps r in [0.9, 0.999], phases up to pi/10), r_max just below 1.
+# Variants that are flags of the scripts. first_lru_init: our first LRU ring (r in [0.9, 0.999],
+# phases up to pi/10); paper_lru_init: the paper code's (r in [0, 1), phases up to 2 pi), the
+# default since issue 25, r_max just below 1.
 FLAG_VARIANTS = {"one_env": ["--num-envs", "1"],
+                 "first_lru_init": ["--r-min", "0.9", "--r-max", "0.999", "--max-phase", "0.314159"],
                  "paper_lru_init": ["--r-min", "0", "--r-max", "0.9999", "--max-phase", "6.28"]}
+# Ablations that became the defaults in issue 25; the curves of the code before it keep them
+# in their labels (benchmarks/curves_first_network.csv), so they can still be plotted.
+RETIRED = ("paper_network", "uniform_episodes")
 COLOURS = {"tbb": "tab:blue", "sbb10": "tab:orange", "sbb20": "tab:olive", "sbb50": "tab:red",
            "sbb100": "tab:purple", "paper-tbb": "black", "paper-sbb50": "tab:gray",
            "paper-sbb10": "silver", "paper-sbb100": "saddlebrown",
@@ -114,22 +125,51 @@ def parse_args(argv=None):
     p.add_argument("--jobs", type=int, default=1, help="runs at once")
     p.add_argument("--grid-dir", default=None,
                    help="where the runs go (not committed); None: runs/reproduce[_paper]")
-    p.add_argument("--figure", default=None, help="learning curves with 95%% bootstrap bands; "
-                   "None: figures/tbb_vs_sbb[_paper].png")
+    p.add_argument("--figure", default=None, help="learning curves of every batching, one panel "
+                   "per model and task, with 95%% bootstrap bands; None: figures/tbb_vs_sbb.png "
+                   "(paper: GRID_DIR/tbb_vs_sbb_paper.png if --batchings is given, else none)")
     p.add_argument("--table", default=None, help="markdown table of final and area-under-curve "
-                   "returns; None: figures/tbb_vs_sbb[_paper].md")
+                   "returns of every batching; None: figures/tbb_vs_sbb.md (paper: "
+                   "GRID_DIR/tbb_vs_sbb_paper.md if --batchings is given, else none)")
+    p.add_argument("--course-figure", default=None, help="README section 5's figure (paper "
+                   "recipe): one panel per cell of COURSE_CELLS that has runs, TBB and SBB at "
+                   "each L; None: figures/results.png if --recipe paper is given without "
+                   "--batchings, --figure and --table (GRID_DIR/results.png if --tasks or "
+                   "--models is), else none")
+    p.add_argument("--course-table", default=None, help="README section 5's table (paper "
+                   "recipe), the same cells and batchings, the paper's code and its figure; "
+                   "None: figures/results.md, on the same terms as --course-figure")
+    p.add_argument("--variant", default="",
+                   help="variants joined to our batchings with +, e.g. first_network: "
+                        "tbb+first_network, sbb10+first_network, ... (the paper's code stays)")
     p.add_argument("--curves", default=None, help="CSV of every finished run's eval curve, "
                    "kept across grids; None: figures/tbb_vs_sbb[_paper]_curves.csv")
     p.add_argument("--plot-only", action="store_true", help="do not run, only plot and tabulate")
     args = p.parse_args(argv)
     paper = args.recipe == "paper"
     suffix = "_paper" if paper else ""
+    # The paper recipe draws the course's table and figure, unless asked for the full ones.
+    course = paper and args.batchings is None and args.figure is None and args.table is None
+    detail = not paper or args.batchings is not None or args.figure or args.table
+    whole = args.tasks is None and args.models == list(TBB_SCRIPTS)  # every course cell
     args.tasks = args.tasks or (list(PAPER_TASKS) if paper else [
         "RepeatFirstEasy", "RepeatPreviousEasy", "CountRecallEasy", "PositionOnlyCartPoleEasy"])
     args.batchings = args.batchings or ["tbb", "sbb10", "sbb50"] + ["sbb100"] * paper
+    if args.variant:
+        args.batchings = [b if b.startswith("paper-") else f"{b}+{args.variant}"
+                          for b in args.batchings]
     args.grid_dir = args.grid_dir or os.path.join("runs", "reproduce" + suffix)
-    args.figure = args.figure or os.path.join("figures", f"tbb_vs_sbb{suffix}.png")
-    args.table = args.table or os.path.join("figures", f"tbb_vs_sbb{suffix}.md")
+    if detail:  # the paper recipe's subsets go beside their runs, not over committed figures
+        folder = args.grid_dir if paper else "figures"
+        args.figure = args.figure or os.path.join(folder, f"tbb_vs_sbb{suffix}.png")
+        args.table = args.table or os.path.join(folder, f"tbb_vs_sbb{suffix}.md")
+    if course:  # README section 5's files; a subset of its cells goes beside the runs
+        folder = "figures" if whole else args.grid_dir
+        args.course_figure = args.course_figure or os.path.join(folder, "results.png")
+        args.course_table = args.course_table or os.path.join(folder, "results.md")
+    if (args.course_figure or args.course_table) and not paper:
+        p.error("--course-figure and --course-table draw the paper recipe's cells: add "
+                "--recipe paper")
     args.curves = args.curves or os.path.join("figures", f"tbb_vs_sbb{suffix}_curves.csv")
     if paper and not set(args.tasks) <= set(PAPER_TASKS):
         p.error(f"--recipe paper knows the tasks {', '.join(PAPER_TASKS)}")
@@ -138,7 +178,8 @@ def parse_args(argv=None):
         # code, plotted, never run (official.py)
         if b != "tbb" and not (b.startswith("sbb") and b[3:].isdigit() and int(b[3:]) > 0):
             p.error(f"unknown batching {b!r}: use tbb or sbbL, e.g. sbb10 (or paper-tbb ...)")
-        if not set(variants) <= set(ABLATIONS) | set(FLAG_VARIANTS):
+        if not set(variants) <= set(ABLATIONS) | set(FLAG_VARIANTS) | set(
+                RETIRED if args.plot_only else ()):
             p.error(f"{batching}: the variants after + are {', '.join(FLAG_VARIANTS)} and "
                     f"{', '.join(ABLATIONS)}")
     return args
@@ -284,14 +325,42 @@ def first_reaching(curve, level):
     return f"{curve['updates'][reached[0]]:,.0f}" if reached.size else "never"
 
 
+def nothing_to_plot(args, what):
+    """Stop with one line on stderr (exit code 2) that names what is missing."""
+    where = (f"{args.curves} does not exist" if not os.path.isfile(args.curves)
+             else f"{args.curves} has none")
+    short = "" if args.recipe == "paper" else (
+        "; the 300k-step study's curves were never kept (its figure and table are "
+        "figures/tbb_vs_sbb.png and .md): run the grid first")
+    print(f"reproduce.py: error: nothing to plot: no finished runs of {what} under "
+          f"{args.grid_dir}, and {where}{short}", file=sys.stderr)
+    sys.exit(2)
+
+
 def summarise(args):
-    """One panel per (model, task), one colour per batching; a markdown table of the same runs."""
+    """Record the finished runs' curves, then draw what args asks for and say what was written:
+    the figure and table of every batching (--figure, --table) and README section 5's
+    (--course-figure, --course-table)."""
+    def state(path):
+        return os.stat(path).st_mtime_ns if os.path.isfile(path) else None
+
+    before = state(args.curves)
     curves = record_curves(args)
+    wrote = [args.curves] if state(args.curves) != before else []
+    if args.figure or args.table:
+        wrote += summarise_batchings(curves, args)
+    if args.course_figure or args.course_table:
+        wrote += summarise_course(curves, args)
+    for path in wrote:
+        print(f"wrote {path}")
+
+
+def summarise_batchings(curves, args):
+    """One panel per (model, task), one colour per batching; a markdown table of the same runs."""
     runs = {(m, t, b): finished_curves(curves, t, m, b, args)
             for m in args.models for t in args.tasks for b in args.batchings}
     if not any(runs.values()):
-        sys.exit(f"reproduce.py: error: no finished runs under {args.grid_dir} or in "
-                 f"{args.curves} to plot")
+        nothing_to_plot(args, f"--batchings {' '.join(args.batchings)}")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -362,9 +431,155 @@ def summarise(args):
     for path in (args.figure, args.table):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(args.figure, dpi=110)
+    plt.close(fig)
     with open(args.table, "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
+    return [args.figure, args.table]
+
+
+# README section 5: the cells of the paper's Fig. 3 that we ran at its recipe, and its batchings.
+COURSE_CELLS = (("RepeatFirstEasy", "ffm"), ("RepeatFirstEasy", "lru"),
+                ("RepeatFirstEasy", "linear_transformer"), ("RepeatPrevious2x10", "ffm"),
+                ("RepeatPrevious2x10", "lru"), ("CountRecallEasy", "ffm"),
+                ("PositionOnlyCartPoleEasy", "ffm"))
+COURSE_BATCHINGS = ("tbb", "sbb10", "sbb50", "sbb100")
+COURSE_SMOOTHING = 21  # evaluations in the course figure's moving mean (210 updates)
+MODEL_NAMES = {"ffm": "FFM", "lru": "LRU", "linear_transformer": "linear transformer"}
+
+
+def course_cells(args):
+    return [(t, m) for t, m in COURSE_CELLS if t in args.tasks and m in args.models]
+
+
+def ours(batching, args):
+    """Our batching as the kept curves label it under --variant."""
+    return f"{batching}+{args.variant}" if args.variant else batching
+
+
+def batching_name(batching):
+    return "TBB" if batching == "tbb" else f"SBB L = {batching[3:]}"
+
+
+def course_table(curves, args):
+    """README section 5's table, as markdown: for each cell, our final eval (mean over seeds,
+    95% bootstrap interval) and updates to the first eval >= 0.9 per seed, the paper's code
+    run here (final eval; updates to 0.9) and the paper's Fig. 3, for TBB and SBB at each L.
+    A batching without finished runs says so; every cell of COURSE_CELLS has its rows."""
+    def updates(runs):
+        reached = [first_reaching(c, 0.9) for c in runs]
+        return "never" if set(reached) == {"never"} else ", ".join(reached)
+
+    lines = ["| cell of Fig. 3 | row | " + " | ".join(map(batching_name, COURSE_BATCHINGS))
+             + " |", "|---" * (2 + len(COURSE_BATCHINGS)) + "|"]
+    for task, model in course_cells(args):
+        final, reach, code, figure = [], [], [], []
+        paper = PAPER_FIG3.get((task, model), {})
+        for b in COURSE_BATCHINGS:
+            runs = finished_curves(curves, task, model, ours(b, args), args)
+            if runs:
+                last = np.array([c["eval_return"][-1] for c in runs])
+                mean, low, high = bootstrap_ci(last, np.random.default_rng(0))
+                final.append(f"{mean:+.2f} ({low:+.2f}, {high:+.2f})" if len(runs) == args.seeds
+                             else f"{mean:+.2f} ({len(runs)} seed{'s' * (len(runs) > 1)})")
+                reach.append(updates(runs))
+            else:
+                final.append("no run kept")
+                reach.append("")
+            runs = finished_curves(curves, task, model, f"paper-{b}", args)
+            mean = np.mean([c["eval_return"][-1] for c in runs]) if runs else 0.0
+            code.append(f"{mean:+.2f}{f' (mean of {len(runs)})' * (len(runs) > 1)}; "
+                        f"{updates(runs)}" if runs else "no run kept")
+            figure.append(paper.get(b, paper.get("sbb" if b != "tbb" else "", "")))
+        name = f"{task}, {MODEL_NAMES[model]}"
+        for label, row in (("ours: final eval, mean (95% CI)", final),
+                           ("ours: updates to the first eval >= 0.9", reach),
+                           ("the paper's code here: final eval; updates to 0.9", code),
+                           ("the paper's Fig. 3, by eye (best so far)", figure)):
+            lines.append(f"| {name} | {label} | " + " | ".join(row) + " |")
+            name = ""
+    return "\n".join(lines) + "\n"
+
+
+def smoothed(values, window):
+    """Centred moving mean along the last axis: each point the mean of the `window` points
+    around it (window odd; fewer at either end)."""
+    half, n = window // 2, values.shape[-1]
+    total = np.concatenate([np.zeros(values.shape[:-1] + (1,)), np.cumsum(values, axis=-1)], -1)
+    lo, hi = np.maximum(np.arange(n) - half, 0), np.minimum(np.arange(n) + half + 1, n)
+    return (total[..., hi] - total[..., lo]) / (hi - lo)
+
+
+def course_figure(curves, args, path):
+    """README section 5's figure: one panel per cell that has runs, x from the first update,
+    one colour per batching, the mean over seeds of each seed's moving-mean curve with a 95%
+    bootstrap band. -> the cells drawn, [(task, model), ...]; no file if none."""
+    panels = []
+    for task, model in course_cells(args):
+        lines = {}
+        for b in COURSE_BATCHINGS:
+            runs = finished_curves(curves, task, model, ours(b, args), args)
+            if runs:
+                n = min(len(c["updates"]) for c in runs)
+                keep = runs[0]["updates"][:n] >= 1  # from the first update on
+                returns = np.stack([c["eval_return"][:n][keep] for c in runs])
+                lines[b] = (runs[0]["updates"][:n][keep], smoothed(returns, COURSE_SMOOTHING))
+        if lines:
+            panels.append((task, model, lines))
+    if not panels:
+        return []
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(len(panels), 4 if len(panels) > 6 else 3)
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows + 0.6), squeeze=False)
+    for ax, (task, model, lines) in zip(axes.flat, panels):
+        for b, (x, returns) in lines.items():
+            mean, low, high = bootstrap_ci(returns, np.random.default_rng(0))
+            ax.plot(x, mean, color=COLOURS[b], label=batching_name(b), linewidth=1.2)
+            ax.fill_between(x, low, high, color=COLOURS[b], alpha=0.2, linewidth=0)
+        ax.set_title(f"{task}, {MODEL_NAMES[model]}", fontsize=10)
+        ax.set_xlim(0, max(x[-1] for x, _ in lines.values()))
+        ax.set_xlabel("updates", fontsize=9)
+        ax.grid(alpha=0.3)
+    for row in axes:
+        row[0].set_ylabel("greedy eval return", fontsize=9)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    handles = {b: plt.Line2D([], [], color=COLOURS[b]) for b in COURSE_BATCHINGS}
+    fig.legend(handles.values(), map(batching_name, handles), loc="upper center",
+               ncol=len(handles), fontsize=9, frameon=False)
+    variant = f", our batchings +{args.variant}" if args.variant else ""
+    fig.suptitle(f"The paper's recipe{variant}: mean over seeds (the table says how many) of "
+                 f"each seed's centred moving mean over {COURSE_SMOOTHING} evaluations "
+                 f"({10 * COURSE_SMOOTHING} updates), 95% bootstrap band", y=0.005, va="bottom",
+                 fontsize=8)
+    fig.tight_layout(rect=(0, 0.2 / fig.get_figheight(), 1, 1 - 0.2 / fig.get_figheight()), pad=0.6)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [(task, model) for task, model, _ in panels]
+
+
+def summarise_course(curves, args):
+    """README section 5's table (printed, and written to --course-table) and figure."""
+    if not any(finished_curves(curves, t, m, ours(b, args), args)
+               for t, m in course_cells(args) for b in COURSE_BATCHINGS):
+        nothing_to_plot(args, "the course cells with "
+                        + " ".join(ours(b, args) for b in COURSE_BATCHINGS))
+    wrote = []
+    if args.course_table:
+        table = course_table(curves, args)
+        os.makedirs(os.path.dirname(args.course_table) or ".", exist_ok=True)
+        with open(args.course_table, "w") as f:
+            f.write(table)
+        print(table, end="")
+        wrote.append(args.course_table)
+    if args.course_figure and course_figure(curves, args, args.course_figure):
+        wrote.append(args.course_figure)
+    return wrote
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     python benchmarks/throughput.py                   # all models; whole runs for FFM only
     python benchmarks/throughput.py --run-models      # only collection and update timings
+    python benchmarks/throughput.py --networks-only   # the default network vs first_network
 
 Prints tables; nothing is asserted. Timings exclude compilation, which is reported apart.
 The whole-run rows call the scripts as subprocesses and read their metrics.csv, so they time
@@ -154,8 +155,12 @@ def main():
     p.add_argument("--run-models", nargs="*", default=["ffm"], choices=list(MODELS),
                    help="models for the whole-run rows (default flags, paper recipe); "
                         "give the flag alone to skip them")
+    p.add_argument("--networks-only", action="store_true",
+                   help="only the update time of the default network against first_network")
     args = p.parse_args()
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, {os.cpu_count()} CPU cores")
+    if args.networks_only:
+        return network_update_times(args.models, args.repeats)
 
     present = {m: s for m, s in MODELS.items()
                if m in args.models and os.path.exists(os.path.join(ROOT, s + ".py"))}
@@ -164,10 +169,11 @@ def main():
     print(f"{'model':<20}{'envs':>6}{'env-steps/s':>14}{'peak RSS MiB':>14}")
     for model, script in present.items():
         for num_envs in (16, 32, 64):
-            # No train phase starts; the one evaluation is at the end, after `last`.
+            # One train phase and the one evaluation, both at the last step, after `last`
+            # (the scripts refuse a run without an update).
             rows, rss = run_script(script + ".py", [
                 "--total-timesteps", str(args.collect_steps), "--learning-starts",
-                str(2 * args.collect_steps), "--num-envs", str(num_envs), "--eval-every",
+                str(args.collect_steps - 1), "--num-envs", str(num_envs), "--eval-every",
                 str(args.collect_steps), "--log-every", str(args.collect_steps // 5)])
             first, last = rows[0], rows[-2]
             sps = ((int(last["global_step"]) - int(first["global_step"]))
@@ -189,6 +195,34 @@ def main():
     if "ffm" in present:
         print_sbb_update_timings(["ffm"], args.batch_sizes, [10, 50], ("associative", "sequential"),
                                  args.repeats)
+
+
+def network_update_times(models, repeats, batch_size=1000):
+    """One update at B = 1000 of each model with the default network and with first_network
+    (the network before issue 25), in the same process, alternating so that a slower stretch of
+    the machine falls on both; the ratio is what to read."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import ablations
+
+    scan = "sequential" if jax.default_backend() == "cpu" else "associative"  # --scan auto
+    print(f"\nOne update at B = {batch_size} ({scan} scan), default network vs first_network, "
+          f"median ms of {repeats} (compile apart)")
+    print(f"{'model':<20}{'params':>9}{'first params':>14}{'ms':>8}{'first ms':>10}{'ratio':>8}")
+    for model in models:
+        mods = {"default": importlib.import_module(MODELS[model]),
+                "first": ablations.ablated_script("first_network", model)}
+        times = {name: [] for name in mods}
+        sizes = {}
+        for _ in range(3):  # alternate: three medians each, the median of those
+            for name, mod in mods.items():
+                (_, _, ms, _, _), = update_timings(mod, [batch_size], (scan,), repeats)
+                times[name].append(ms)
+                args = mod.parse_args([])
+                sizes[name] = sum(x.size for x in jax.tree.leaves(
+                    mod.init_params(jax.random.PRNGKey(0), 10, 4, args)))
+        ms = {name: float(np.median(t)) for name, t in times.items()}
+        print(f"{model:<20}{sizes['default']:>9,d}{sizes['first']:>14,d}{ms['default']:>8.1f}"
+              f"{ms['first']:>10.1f}{ms['default'] / ms['first']:>8.2f}")
 
 
 def whole_runs(present, run_models):
