@@ -30,6 +30,7 @@ import importlib
 import json
 import os
 import sys
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -78,11 +79,17 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------------------------------------
 def sensitivity(q_fn, obs, t):
     """s(i) = sum_f |dQ_t(a*) / d o_{t-i, f}| for i = 0..t, where q_fn(obs) -> Q [T, actions]
-    of the sequence obs[0..t] (one episode) and a* = argmax_a Q_t(a)."""
-    seq = jnp.asarray(obs[: t + 1])
-    action = jnp.argmax(q_fn(seq)[t])
-    grad = jax.grad(lambda o: q_fn(o)[t, action])(seq)
-    return np.abs(np.asarray(grad)).sum(-1)[::-1]  # reversed: index i is age i
+    of one episode's observations obs [T, obs_dim] and a* = argmax_a Q_t(a). q_fn must be
+    causal (Q_t sees only obs[0..t], as every memory here), so the whole episode can be fed."""
+    grad = input_gradient(q_fn, jnp.asarray(obs), t)
+    return np.abs(np.asarray(grad[: t + 1])).sum(-1)[::-1]  # reversed: index i is age i
+
+
+@partial(jax.jit, static_argnums=0)  # one compile per network and episode length, not per t
+def input_gradient(q_fn, obs, t):
+    """dQ_t(a*) / d obs, zero after t."""
+    action = jnp.argmax(q_fn(obs)[t])
+    return jax.grad(lambda o: q_fn(o)[t, action])(obs)
 
 
 def mean_sensitivity(q_fn, episodes, final_steps):
@@ -200,7 +207,8 @@ def main(args):
     obs_dim, num_actions = probe.observation_space.shape[0], int(probe.action_space.n)
     script = importlib.import_module(sbb.MEMORIES[args.memory])
     sizes = script.parse_args(args.script_flags)
-    template = script.init_params(jax.random.PRNGKey(0), obs_dim, num_actions, sizes)
+    template = jax.eval_shape(lambda key: script.init_params(key, obs_dim, num_actions, sizes),
+                              jax.random.PRNGKey(0))  # shapes only: what load_params checks
     rml = args.k  # the observations at ages 0..k-1
     results = {b: [] for b in ["tbb"] + [f"sbb{L}" for L in args.segment_lengths]}
     for seed in range(1, args.seeds + 1):
