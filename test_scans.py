@@ -1773,8 +1773,9 @@ def repeat_first_sizes():
 
 
 def test_a_signal_ends_the_run_and_keeps_what_it_learned(tmp_path):
-    """SIGINT to a TBB run and SIGTERM to an SBB run, once training has begun: each ends at the
-    next step with its last metrics row, its plot and a params.npz that loads, and exits 130."""
+    """SIGINT to a TBB run and SIGTERM to an SBB run (FFM: the smoke test's SBB run is the
+    linear transformer's), once training has begun: each ends at the next step with its last
+    metrics row (finite, as its earlier ones), its plot and a params.npz that loads, exits 130."""
     jobs = {"int": (signal.SIGINT, "ffm_tbb_dqn.py", []),
             "term": (signal.SIGTERM, "sbb_baseline_dqn.py", ["--segment-length", "10"])}
     procs = {name: subprocess.Popen(
@@ -1796,7 +1797,12 @@ def test_a_signal_ends_the_run_and_keeps_what_it_learned(tmp_path):
         assert proc.returncode == 130, err
         (line,) = [line for line in out.splitlines() if line.startswith("interrupted at step")]
         step, run_dir = int(line.split()[3].rstrip(";").replace(",", "")), line.split(" in ")[1]
-        assert int(read_metrics(run_dir)[-1]["global_step"]) == step < 100_000_000
+        rows = read_metrics(run_dir)
+        assert int(rows[-1]["global_step"]) == step < 100_000_000
+        assert np.isfinite(float(rows[-1]["eval_return"]))  # the step that stops also evaluates
+        trained = [r for r in rows if r["td_loss"] != "nan"]  # rows with updates since the last
+        assert trained and all(np.isfinite(float(r[k])) for r in trained for k in ("td_loss",
+                                                                               "q_values"))
         assert os.path.isfile(os.path.join(run_dir, "learning_curve.png"))
         path = os.path.join(run_dir, "params.npz")
         ffm.load_params(template, path, ffm.checkpoint_meta(args, obs_dim, num_actions))

@@ -80,9 +80,10 @@ def parse_args(argv=None):
 def sensitivity(q_fn, obs, t):
     """s(i) = sum_f |dQ_t(a*) / d o_{t-i, f}| for i = 0..t, where q_fn(obs) -> Q [T, actions]
     of one episode's observations obs [T, obs_dim] and a* = argmax_a Q_t(a). q_fn must be
-    causal (Q_t sees only obs[0..t], as every memory here), so the whole episode can be fed."""
+    causal (Q_t sees only obs[0..t], as every memory here), so the whole episode can be fed;
+    pass the same q_fn for every t (it is compiled once per function and episode length)."""
     grad = input_gradient(q_fn, jnp.asarray(obs), t)
-    return np.abs(np.asarray(grad[: t + 1])).sum(-1)[::-1]  # reversed: index i is age i
+    return np.abs(np.asarray(grad)[: t + 1]).sum(-1)[::-1]  # reversed: index i is age i
 
 
 @partial(jax.jit, static_argnums=0)  # one compile per network and episode length, not per t
