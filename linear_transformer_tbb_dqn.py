@@ -1,6 +1,6 @@
 """Double DQN with a Linear Transformer memoroid and Tape-Based Batching.
 
-Reference implementation of "Revisiting Recurrent Reinforcement Learning with Memoroids"
+Reference implementation of "Recurrent Reinforcement Learning with Memoroids"
 (Morad et al., NeurIPS 2024), with the memory of "Transformers are RNNs: Fast Autoregressive
 Transformers with Linear Attention" (Katharopoulos et al., ICML 2020), to be read top to bottom:
 
@@ -600,8 +600,9 @@ def train(args, stop):
 
 
 # =============================================================================================
-# Plumbing. Command line: every hyperparameter is a flag, range-checked where it is declared;
-# bad input stops the run with one line on stderr and exit code 2, as argparse does.
+# Plumbing. Command line: every hyperparameter is a flag, range-checked where it is declared
+# (or in parse_args); bad input stops the run with one line on stderr and exit code 2, as
+# argparse does.
 def fail(message, code=2):
     """Stop with one line on stderr: code 2 for bad input, 1 for a run that failed."""
     print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
@@ -663,9 +664,10 @@ def make_parser():
         help="episode cap; 0 takes the env's own (needed for envs without one)")
     add("--buffer-size", type=POSITIVE_INT, default=100_000, help="tape capacity in transitions")
     add("--batch-size", type=POSITIVE_INT, default=1000, help="transitions per training tape B")
-    add("--learning-rate", type=POSITIVE_FLOAT, default=1e-3, help="AdamW learning rate")
+    add("--learning-rate", type=POSITIVE_FLOAT, default=1e-3,
+        help="Adam learning rate (AdamW, no weight decay)")
     add("--lr-warmup-updates", type=NON_NEGATIVE_INT, default=200,
-        help="updates over which the learning rate ramps up linearly from 0")
+        help="updates N over which the learning rate ramps up linearly, from 1/N of it")
     add("--max-grad-norm", type=POSITIVE_FLOAT, default=1.0, help="global gradient-norm clip")
     add("--gamma", type=UNIT, default=0.99, help="discount factor")
     add("--tau", type=OPEN_UNIT, default=0.005, help="Polyak rate of the target, every update")
@@ -697,13 +699,14 @@ def parse_args(argv=None):
         fail(f"--load-model: no such file {args.load_model!r}")
     if args.learning_starts >= args.total_timesteps:
         fail(f"--learning-starts {args.learning_starts:,d} is not below --total-timesteps "
-             f"{args.total_timesteps:,d}: no update would run")
+             f"{args.total_timesteps:,d}: the run would end as training starts")
     return args
 
 
 # Environments. POPGym envs get popgym's wrappers, so that every discrete-action env gives a
-# flat one-hot observation (with an is-first-step flag, and the previous action where the env
-# needs it) and one Discrete action; a TimeLimit at the cap makes the cap a guarantee.
+# flat observation, its discrete parts one-hot (with an is-first-step flag, and the previous
+# action where the env needs it), and one Discrete action; a TimeLimit at the cap makes the
+# cap a guarantee.
 def resolve_env(env_id, max_episode_steps=0, env_kwargs=None, prev_action="auto"):
     """-> (make_env, cap): a function that builds one wrapped env, and the longest episode."""
     import gymnasium as gym

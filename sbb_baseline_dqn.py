@@ -4,17 +4,19 @@ The batching that the memoroids paper (Morad et al., NeurIPS 2024, Sec. 4.2) arg
 built as a TBB script with its buffer and loss swapped, so that a comparison changes the
 batching and nothing else. --memory picks the script (ffm_tbb_dqn.py, lru_tbb_dqn.py or
 linear_transformer_tbb_dqn.py); its network, flags, envs, acting, evaluation and outputs are
-used as they are. SBB changes four functions of it:
+used as they are. SBB changes five functions of it (and adds its flags to the parser):
 
   init_tape    -> a ring of segments: each finished episode is cut into segments of
                   --segment-length L steps, the last one zero-padded, with a mask of real steps;
   add_episode  -> store an episode's segments, overwriting the oldest segments;
   sample_tape  -> draw --batch-size // L segments uniformly: the slots, padding included, of a
-                  TBB tape of --batch-size transitions, so compute per update is equal;
+                  TBB tape of --batch-size transitions (where L divides it), so compute per
+                  update is equal;
   td_loss      -> scan every segment on its own from the identity (no stored state, no
                   burn-in: a step sees at most the L-1 steps before it in its segment), average
                   the same Huber TD error over real steps only, and log the density
-                  (real steps / slots).
+                  (real steps / slots);
+  check_sizes  -> the ring holds one episode's segments, a batch one segment.
 
 Run:   python sbb_baseline_dqn.py --memory ffm --segment-length 10
        python sbb_baseline_dqn.py --memory lru --segment-length 50 --env-id CountRecallEasy

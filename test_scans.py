@@ -911,7 +911,8 @@ BAD_INPUT = [  # (flags, a part of the message, exit code)
     (["--buffer-size", "10000000000000"], "--buffer-size 10,000,000,000,000 cannot fit", 2),
     (["--num-envs", "100000000"], "--num-envs 100,000,000 cannot fit", 2),
     (["--batch-size", "1000000000"], "--batch-size 1,000,000,000 cannot fit", 2),
-    (["--learning-starts", "5000", "--total-timesteps", "3000"], "no update would run", 2),
+    (["--learning-starts", "5000", "--total-timesteps", "3000"], "would end as training starts",
+     2),
     (["--learning-rate", "1e30", *TINY, "--total-timesteps", "400", "--learning-starts", "200",
       "--log-every", "400", "--eval-every", "400"], "non-finite", 1),
 ]
