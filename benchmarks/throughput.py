@@ -197,6 +197,19 @@ def main():
                                  args.repeats)
 
 
+def update_flops(mod, batch_size, scan, obs_dim=10, num_actions=4):
+    """The floating-point operations of one update as XLA counts them in the compiled program:
+    the work, free of the machine's noise (a loop body counts once; ours are the cheap scans)."""
+    args = mod.parse_args(["--batch-size", str(batch_size), "--updates-per-train", "1"])
+    params = mod.init_params(jax.random.PRNGKey(0), obs_dim, num_actions, args)
+    optimizer = mod.make_optimizer(args)
+    state = mod.TrainState(params, params, optimizer.init(params))
+    tape = filled_tape(mod, max(4 * batch_size, 20_000), obs_dim, 51)
+    lowered = mod.make_train_phase(optimizer, args, scan).lower(state, tape, jax.random.PRNGKey(1))
+    cost = lowered.compile().cost_analysis()
+    return (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+
 def network_update_times(models, repeats, batch_size=1000):
     """One update at B = 1000 of each model with the default network and with first_network
     (the network before issue 25), in the same process, alternating so that a slower stretch of
@@ -207,7 +220,8 @@ def network_update_times(models, repeats, batch_size=1000):
     scan = "sequential" if jax.default_backend() == "cpu" else "associative"  # --scan auto
     print(f"\nOne update at B = {batch_size} ({scan} scan), default network vs first_network, "
           f"median ms of {repeats} (compile apart)")
-    print(f"{'model':<20}{'params':>9}{'first params':>14}{'ms':>8}{'first ms':>10}{'ratio':>8}")
+    print(f"{'model':<20}{'params':>9}{'first params':>14}{'ms':>8}{'first ms':>10}{'ratio':>8}"
+          f"{'GFLOP':>8}{'first GFLOP':>13}{'ratio':>8}")
     for model in models:
         mods = {"default": importlib.import_module(MODELS[model]),
                 "first": ablations.ablated_script("first_network", model)}
@@ -221,8 +235,10 @@ def network_update_times(models, repeats, batch_size=1000):
                 sizes[name] = sum(x.size for x in jax.tree.leaves(
                     mod.init_params(jax.random.PRNGKey(0), 10, 4, args)))
         ms = {name: float(np.median(t)) for name, t in times.items()}
+        flops = {name: update_flops(mod, batch_size, scan) / 1e9 for name, mod in mods.items()}
         print(f"{model:<20}{sizes['default']:>9,d}{sizes['first']:>14,d}{ms['default']:>8.1f}"
-              f"{ms['first']:>10.1f}{ms['default'] / ms['first']:>8.2f}")
+              f"{ms['first']:>10.1f}{ms['default'] / ms['first']:>8.2f}{flops['default']:>8.2f}"
+              f"{flops['first']:>13.2f}{flops['default'] / flops['first']:>8.2f}")
 
 
 def whole_runs(present, run_models):
