@@ -57,18 +57,24 @@ def filled_tape(mod, capacity, obs_dim, episode_length, seed=0):
     return tape
 
 
+def one_update(mod, batch_size, scan, obs_dim, num_actions, episode_length):
+    """A script's train phase of one update at --batch-size B, a fresh state and a full tape."""
+    args = mod.parse_args(["--batch-size", str(batch_size), "--updates-per-train", "1"])
+    params = mod.init_params(jax.random.PRNGKey(0), obs_dim, num_actions, args)
+    optimizer = mod.make_optimizer(args)
+    state = mod.TrainState(params, jax.tree.map(jnp.copy, params), optimizer.init(params))
+    tape = filled_tape(mod, max(4 * batch_size, 20_000), obs_dim, episode_length)
+    return mod.make_train_phase(optimizer, args, scan), state, tape
+
+
 def update_timings(mod, batch_sizes, scans, repeats, obs_dim=10, num_actions=4, episode_length=51):
     """One update of a script (TBB, or SBB from sbb.segment_script) at each --batch-size B.
     Returns rows (B, scan, ms/update, compile s, measured density)."""
     rows = []
     for batch_size in batch_sizes:
         for scan in scans:
-            args = mod.parse_args(["--batch-size", str(batch_size), "--updates-per-train", "1"])
-            params = mod.init_params(jax.random.PRNGKey(0), obs_dim, num_actions, args)
-            optimizer = mod.make_optimizer(args)
-            state = mod.TrainState(params, jax.tree.map(jnp.copy, params), optimizer.init(params))
-            train_phase = mod.make_train_phase(optimizer, args, scan)
-            tape = filled_tape(mod, max(4 * batch_size, 20_000), obs_dim, episode_length)
+            train_phase, state, tape = one_update(mod, batch_size, scan, obs_dim, num_actions,
+                                                  episode_length)
             t = time.perf_counter()
             state, metrics = train_phase(state, tape, jax.random.PRNGKey(1))
             jax.block_until_ready(metrics)
@@ -200,13 +206,8 @@ def main():
 def update_flops(mod, batch_size, scan, obs_dim=10, num_actions=4):
     """The floating-point operations of one update as XLA counts them in the compiled program:
     the work, free of the machine's noise (a loop body counts once; ours are the cheap scans)."""
-    args = mod.parse_args(["--batch-size", str(batch_size), "--updates-per-train", "1"])
-    params = mod.init_params(jax.random.PRNGKey(0), obs_dim, num_actions, args)
-    optimizer = mod.make_optimizer(args)
-    state = mod.TrainState(params, params, optimizer.init(params))
-    tape = filled_tape(mod, max(4 * batch_size, 20_000), obs_dim, 51)
-    lowered = mod.make_train_phase(optimizer, args, scan).lower(state, tape, jax.random.PRNGKey(1))
-    cost = lowered.compile().cost_analysis()
+    train_phase, state, tape = one_update(mod, batch_size, scan, obs_dim, num_actions, 51)
+    cost = train_phase.lower(state, tape, jax.random.PRNGKey(1)).compile().cost_analysis()
     return (cost[0] if isinstance(cost, list) else cost)["flops"]
 
 
