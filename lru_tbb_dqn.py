@@ -168,13 +168,17 @@ def q_head(params, y):
 def init_lru_block(key, width, n, args):
     k = jax.random.split(key, 5)
     # Ring initialisation (Orvieto et al. Sec. 3): |lambda|^2 uniform on [r_min^2, r_max^2],
-    # arg(lambda) uniform on [0, max_phase]. Draws are kept above 0 because both enter logs.
+    # arg(lambda) uniform on [0, max_phase]. Several rings (several values per flag) share the
+    # n states evenly, in order. Draws are kept above 0 because both enter logs.
+    ring = np.arange(n) * len(args.r_min) // n
+    r_min, r_max, max_phase = (np.asarray(v)[ring] for v in (args.r_min, args.r_max,
+                                                             args.max_phase))
     u_radius, u_phase = jax.random.uniform(k[0], (2, n), minval=1e-6)
-    radius_sq = args.r_min**2 + u_radius * (args.r_max**2 - args.r_min**2)
+    radius_sq = r_min**2 + u_radius * (r_max**2 - r_min**2)
     return {
         "norm": {"scale": jnp.ones(width), "bias": jnp.zeros(width)},
         "nu_log": jnp.log(-0.5 * jnp.log(radius_sq)),
-        "theta_log": jnp.log(args.max_phase * u_phase),
+        "theta_log": jnp.log(max_phase * u_phase),
         # gamma = sqrt(1 - |lambda|^2) keeps the state as large as the input whatever the
         # radius; it is learned from there on, as in the LRU paper.
         "gamma_log": 0.5 * jnp.log1p(-radius_sq),
@@ -259,17 +263,23 @@ def add_model_flags(parser):
     # from one step to ~10,000 at every frequency. A narrow ring of slow, nearly still states
     # (|lambda| in [0.9, 0.999], phases up to pi/10; benchmarks/reproduce.py first_lru_init)
     # learned RepeatFirstEasy ~2.5x faster but never RepeatPrevious(2, 10) (README section 5).
-    g.add_argument("--r-min", type=float, default=0.0,
-                   help="smallest |lambda| of the ring initialisation (memory ~1/(1-r) steps)")
-    g.add_argument("--r-max", type=POSITIVE_FLOAT, default=0.9999,
+    g.add_argument("--r-min", type=float, nargs="+", default=[0.0],
+                   help="smallest |lambda| of the ring initialisation (memory ~1/(1-r) steps); "
+                        "several values, with as many of --r-max and --max-phase: one ring each")
+    g.add_argument("--r-max", type=POSITIVE_FLOAT, nargs="+", default=[0.9999],
                    help="largest |lambda| of the ring initialisation")
-    g.add_argument("--max-phase", type=POSITIVE_ANGLE, default=6.28,
+    g.add_argument("--max-phase", type=POSITIVE_ANGLE, nargs="+", default=[6.28],
                    help="largest initial phase arg(lambda), in radians (a number, or pi/10, 2*pi)")
 
 
 def check_model_flags(args):
-    if not 0.0 <= args.r_min <= args.r_max < 1.0:
-        fail(f"need 0 <= --r-min <= --r-max < 1, got {args.r_min} and {args.r_max}")
+    rings = {len(args.r_min), len(args.r_max), len(args.max_phase)}
+    if len(rings) > 1 or max(rings) > args.state_size:
+        fail("--r-min, --r-max and --max-phase need one value per ring, as many rings as each "
+             f"other and at most --state-size {args.state_size}")
+    for r_min, r_max in zip(args.r_min, args.r_max):
+        if not 0.0 <= r_min <= r_max < 1.0:
+            fail(f"need 0 <= --r-min <= --r-max < 1, got {r_min} and {r_max}")
 
 
 # ==== shared: tape, loss, training, plumbing ====

@@ -44,12 +44,20 @@ TBB_SCRIPTS = {"ffm": "ffm_tbb_dqn.py", "lru": "lru_tbb_dqn.py",
 # The paper's settings that differ by task (its RepeatPrevious runs use gamma 0.5 and
 # epsilon 0.2 -> 0.1; everything else gamma 0.99 and the scripts' defaults).
 TASK_FLAGS = {"RepeatPreviousEasy": ["--gamma", "0.5", "--end-e", "0.1"]}
-# Variants that are flags of the scripts. first_lru_init: our first LRU ring (r in [0.9, 0.999],
-# phases up to pi/10); paper_lru_init: the paper code's (r in [0, 1), phases up to 2 pi), the
-# default since issue 25, r_max just below 1.
+# Variants that are flags of the scripts. The LRU's starting rings (issue 36 chose among them):
+# first_lru_init, our first (r in [0.9, 0.999], phases up to pi/10); paper_lru_init, the paper
+# code's (r in [0, 1), phases up to 2 pi; the default of issue 25), r_max just below 1; the two
+# crossed (small_phase_: all radii, small phases; slow_radius_: slow radii, all phases); and
+# split_lru_init, half of each block's states on each of the first two rings.
 FLAG_VARIANTS = {"one_env": ["--num-envs", "1"],
                  "first_lru_init": ["--r-min", "0.9", "--r-max", "0.999", "--max-phase", "0.314159"],
-                 "paper_lru_init": ["--r-min", "0", "--r-max", "0.9999", "--max-phase", "6.28"]}
+                 "paper_lru_init": ["--r-min", "0", "--r-max", "0.9999", "--max-phase", "6.28"],
+                 "small_phase_lru_init": ["--r-min", "0", "--r-max", "0.9999",
+                                          "--max-phase", "0.314159"],
+                 "slow_radius_lru_init": ["--r-min", "0.9", "--r-max", "0.9999",
+                                          "--max-phase", "6.28"],
+                 "split_lru_init": ["--r-min", "0", "0.9", "--r-max", "0.9999", "0.999",
+                                    "--max-phase", "6.28", "0.314159"]}
 # Ablations that became the defaults in issue 25; the curves of the code before it keep them
 # in their labels (benchmarks/curves_first_network.csv), so they can still be plotted.
 RETIRED = ("paper_network", "uniform_episodes")
