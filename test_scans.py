@@ -340,14 +340,17 @@ def test_default_network_sizes_and_head_against_numpy(model, expected):
     assert np.abs(np_["block0"]["b"]).max() > 0.5 * bound  # uniform biases, as equinox's
 
 
+def lru_eigenvalues(params):
+    """[(lambda, gamma) of each block], from the stored logs in float64."""
+    return [(np.exp(-np.exp(np.float64(p["nu_log"])) + 1j * np.exp(np.float64(p["theta_log"]))),
+             np.exp(np.float64(p["gamma_log"]))) for p in params["lru"]]
+
+
 def test_lru_ring_initialisation():
     params = net_params("lru")
     args = lru.parse_args(NETWORKS["lru"][1])
-    r_min, r_max, max_phase = args.r_min, args.r_max, args.max_phase
-    nu = np.concatenate([np.float64(p["nu_log"]) for p in params["lru"]])
-    theta = np.concatenate([np.float64(p["theta_log"]) for p in params["lru"]])
-    gamma = np.concatenate([np.exp(np.float64(p["gamma_log"])) for p in params["lru"]])
-    lam = np.exp(-np.exp(nu) + 1j * np.exp(theta))
+    (r_min,), (r_max,), (max_phase,) = args.r_min, args.r_max, args.max_phase
+    lam, gamma = map(np.concatenate, zip(*lru_eigenvalues(params)))
     radius, phase = np.abs(lam), np.angle(lam) % (2 * np.pi)  # max_phase < 2 pi
     assert np.all((radius >= r_min - 1e-6) & (radius <= r_max + 1e-6))
     assert np.all((phase >= 0) & (phase <= max_phase + 1e-6))
@@ -358,6 +361,26 @@ def test_lru_ring_initialisation():
                                atol=se * (r_max**2 - r_min**2))
     np.testing.assert_allclose(np.mean(phase), max_phase / 2, atol=se * max_phase)
     np.testing.assert_allclose(gamma, np.sqrt(1 - radius**2), rtol=1e-4)
+
+
+def test_lru_several_rings_share_the_states_evenly(capsys):
+    """--r-min 0 0.9 --r-max 0.5 0.999 ...: the states of each block, in order, split between
+    the two rings (counted from the eigenvalues: the rings' radii do not overlap)."""
+    for n, first in ((64, 32), (5, 3)):
+        args = lru.parse_args(["--r-min", "0", "0.9", "--r-max", "0.5", "0.999", "--max-phase",
+                               "pi", "pi/10", "--state-size", str(n), "--hidden-size", "8"])
+        for lam, gamma in lru_eigenvalues(lru.init_params(jax.random.PRNGKey(n), 4, 2, args)):
+            radius, phase = np.abs(lam), np.angle(lam) % (2 * np.pi)
+            assert np.all(radius[:first] <= 0.5 + 1e-6) and np.all(phase[:first] <= np.pi + 1e-5)
+            assert np.all((radius[first:] >= 0.9 - 1e-6) & (radius[first:] <= 0.999 + 1e-6))
+            assert np.all(phase[first:] <= np.pi / 10 + 1e-5)
+            np.testing.assert_allclose(gamma, np.sqrt(1 - radius**2), rtol=1e-4)
+    for flags in (["--r-min", "0", "0.9"], ["--max-phase", "1", "2", "3", "--r-min", "0", "0", "0",
+                                            "--r-max", "0.5", "0.6", "0.7", "--state-size", "2"]):
+        with pytest.raises(SystemExit) as e:
+            lru.parse_args(flags)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and len(err.splitlines()) == 1 and "one value per ring" in err
 
 
 def numpy_lru_q(params, obs, start):
@@ -1316,9 +1339,9 @@ def test_vml_reuses_a_finished_run(tmp_path):
 
 def test_vml_trains_lru_on_the_wide_ring_unless_told_otherwise():
     ring = lambda a: (a.r_min, a.r_max, a.max_phase)
-    assert ring(lru.parse_args(vml.parse_args([]).script_flags)) == (0.0, 0.9999, 6.28)
+    assert ring(lru.parse_args(vml.parse_args([]).script_flags)) == ([0.0], [0.9999], [6.28])
     told = vml.parse_args(["--r-min", "0.5", "--hidden-size", "8"]).script_flags
-    assert ring(lru.parse_args(told)) == (0.5, 0.9999, 6.28)
+    assert ring(lru.parse_args(told)) == ([0.5], [0.9999], [6.28])
     assert vml.parse_args(["--memory", "ffm", "--trace-size", "8"]).script_flags == [
         "--trace-size", "8"]
 
@@ -1395,7 +1418,7 @@ def test_reproduce_variants_swap_one_thing(tmp_path, capsys):
     # The LRU's default ring is the paper code's, |lambda| over [0, 1) and phases up to 2 pi;
     # +first_lru_init gives our first one, |lambda| in [0.9, 0.999] and phases up to pi/10
     default = lru.parse_args(cmds["tbb"][2:])
-    assert (default.r_min, default.r_max, default.max_phase) == (0.0, 0.9999, 6.28)
+    assert (default.r_min, default.r_max, default.max_phase) == ([0.0], [0.9999], [6.28])
     lam = lru.lru_lambda(lru.init_params(jax.random.PRNGKey(0), 4, 2, default)["lru"][0])
     assert np.abs(lam).min() < 0.3 and np.abs(lam).max() > 0.95 and np.angle(lam).max() > 3.0
     first = lru.parse_args(rep.command("CountRecallEasy", "lru", "tbb+first_lru_init", 1,
@@ -1409,9 +1432,13 @@ def test_reproduce_variants_swap_one_thing(tmp_path, capsys):
         assert e.value.code == 2 and bad in capsys.readouterr().err
 
 
-def write_fake_run(out, steps, returns, density=None):
+def write_fake_run(out, steps, returns, density=None, cmd=None):
+    """A finished run's folder as the runner leaves it; with `cmd`, its settings too."""
     run_dir = os.path.join(out, "Task__x__1__0")
     os.makedirs(run_dir)
+    if cmd is not None:
+        with open(os.path.join(out, "command.json"), "w") as f:
+            json.dump(load_reproduce().settings(cmd), f)
     extra = "" if density is None else f",{density}"  # TBB runs from before the density column log none
     with open(os.path.join(run_dir, "metrics.csv"), "w") as f:
         f.write("global_step,updates,eval_return,elapsed_s" + (",density" if extra else "") + "\n")
@@ -1430,17 +1457,17 @@ def test_reproduce_resumes_and_tabulates(tmp_path, monkeypatch):
     curves = {("tbb", 1): [0.0, 0.5, 1.0], ("tbb", 2): [0.0, 0.25, 0.5],
               ("sbb10", 1): [0.0, 0.0, 0.25]}
     for (batching, seed), returns in curves.items():
-        out, _ = rep.command("RepeatFirstEasy", "ffm", batching, seed, args)
-        write_fake_run(out, [100, 200, 300], returns, None if batching == "tbb" else 0.8)
+        out, cmd = rep.command("RepeatFirstEasy", "ffm", batching, seed, args)
+        write_fake_run(out, [100, 200, 300], returns, None if batching == "tbb" else 0.8, cmd)
     # sbb10 seed 2 stopped early: it is run again; the finished runs are not.
-    out, _ = rep.command("RepeatFirstEasy", "ffm", "sbb10", 2, args)
-    write_fake_run(out, [100, 200], [0.0, 0.0], 0.8)
+    out, cmd = rep.command("RepeatFirstEasy", "ffm", "sbb10", 2, args)
+    write_fake_run(out, [100, 200], [0.0, 0.0], 0.8, cmd)
     ran = []
-    monkeypatch.setattr(rep.subprocess, "run",
-                        lambda cmd, **kw: ran.append(cmd) or subprocess.CompletedProcess(cmd, 0))
+    monkeypatch.setattr(rep.subprocess, "run", lambda line, **kw: ran.append(
+        shlex.split(line)) or subprocess.CompletedProcess(line, 0))
     rep.run_grid(args)
     assert len(ran) == 1 and ran[0][ran[0].index("--seed") + 1] == "2"
-    assert os.path.basename(ran[0][1]) == "sbb_baseline_dqn.py"
+    assert any(word.endswith("sbb_baseline_dqn.py") for word in ran[0])
 
     rep.summarise(args)
     rows = [line.split("|")[1:-1] for line in (tmp_path / "t.md").read_text().splitlines()[2:]]
@@ -1463,6 +1490,119 @@ def test_reproduce_resumes_and_tabulates(tmp_path, monkeypatch):
     ran.clear()
     rep.run_grid(args)
     assert len(ran) == 1 and ran[0][ran[0].index("--seed") + 1] == "2"
+
+
+FAKE_PYTHON = """#!/bin/bash
+# Stands in for the interpreter: a run that finishes at once, its last eval total / 1,000.
+while [ $# -gt 0 ]; do
+  case "$1" in --output-dir) out="$2"; shift;; --total-timesteps) total="$2"; shift;; esac; shift
+done
+mkdir -p "$out/Task__x__1__0" && printf "global_step,updates,eval_return,elapsed_s\\n0,0,0,0\\n%s,9,%s,60\\n" \\
+  "$total" "$((total / 1000))" > "$out/Task__x__1__0/metrics.csv"
+"""
+
+
+def test_reproduce_never_mixes_settings(tmp_path, monkeypatch, capsys):
+    """A grid, then the same grid with another --total-timesteps or --extra: the second runs
+    again (its runs are not the first's), both are kept, and each table shows its own; the
+    shell lines the runner starts are exactly those --commands prints, and runs made from them
+    elsewhere (GNU parallel, a job array) are picked up by --plot-only."""
+    rep = load_reproduce()
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    monkeypatch.setattr(rep.sys, "executable", str(fake))
+    started, run = [], subprocess.run
+    monkeypatch.setattr(rep.subprocess, "run", lambda line, **kw: started.append(line) or run(
+        line, **kw))
+
+    def grid(*flags):
+        args = rep.parse_args(["--tasks", "RepeatFirstEasy", "--models", "ffm", "--batchings",
+                               "tbb", "--seeds", "1", "--grid-dir", str(tmp_path / "grid"),
+                               "--curves", str(tmp_path / "c.csv"), "--figure",
+                               str(tmp_path / "f.png"), "--table", str(tmp_path / "t.md"), *flags])
+        started.clear()
+        rep.run_grid(args)
+        todo = capsys.readouterr().out.splitlines()[0]
+        rep.summarise(args)
+        capsys.readouterr()
+        final = (tmp_path / "t.md").read_text().splitlines()[2].split("|")[5].split()[0]
+        return todo, len(started), float(final)
+
+    short = ["--total-timesteps", "3000", "--extra", "--learning-starts 1000"]
+    assert grid(*short) == ("1 runs to do", 1, 3.0)
+    assert grid(*short) == ("0 runs to do", 0, 3.0)
+    longer = ["--total-timesteps", "6000", "--extra", "--learning-starts 1000"]
+    todo, ran, final = grid(*longer)
+    assert todo.startswith("1 runs to do; 1 of the runs asked for were kept only with other "
+                           "settings") and (ran, final) == (1, 6.0)
+    todo, ran, final = grid(*short[:-1], "--learning-starts 1000 --learning-rate 3e-4")
+    assert todo.startswith("1 runs to do; 1 of") and (ran, final) == (1, 3.0)
+    assert grid(*short) == ("0 runs to do", 0, 3.0)  # all three stay kept, each with its own
+    with open(tmp_path / "c.csv") as f:
+        assert len({r["settings"] for r in csv.DictReader(f)}) == 3
+
+    # --plot-only with settings never run: one line says so, and nothing is drawn
+    never = rep.parse_args(["--tasks", "RepeatFirstEasy", "--models", "ffm", "--batchings",
+                            "tbb", "--seeds", "1", "--grid-dir", str(tmp_path / "grid"),
+                            "--curves", str(tmp_path / "c.csv"), "--plot-only",
+                            "--total-timesteps", "9000", "--figure", str(tmp_path / "g.png"),
+                            "--table", str(tmp_path / "g.md")])
+    with pytest.raises(SystemExit):
+        rep.summarise(never)
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("note: 1 of the runs asked for were kept only with other settings")
+    assert not (tmp_path / "g.md").exists()
+
+    # --commands prints the lines the runner would start; made by hand, --plot-only finds them
+    argv = ["reproduce.py", "--tasks", "RepeatFirstEasy", "CountRecallEasy", "--models", "ffm",
+            "--batchings", "tbb", "sbb10", "--seeds", "2", "--grid-dir", str(tmp_path / "grid"),
+            "--curves", str(tmp_path / "c.csv"), "--figure", str(tmp_path / "f.png"),
+            "--table", str(tmp_path / "t.md"), *short, "--commands"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(os.path.join(HERE, "benchmarks", "reproduce.py"), run_name="__main__")
+    lines = capsys.readouterr().out.splitlines()
+    assert e.value.code in (None, 0) and len(lines) == 7  # 8 runs, 1 finished above
+    args = rep.parse_args(argv[1:-1])
+    assert [line for _, line in rep.unfinished(args)[0]] == lines
+    for line in lines:  # as GNU parallel would
+        run(line, shell=True, executable="/bin/bash", check=True)
+    started.clear()
+    rep.run_grid(args)
+    assert started == [] and capsys.readouterr().out.startswith("0 runs to do")
+    rep.summarise(args)
+    assert len((tmp_path / "t.md").read_text().splitlines()) == 2 + 4
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--jobs", "0"], "argument --jobs: must be a positive integer, got 0"),
+    (["--seeds", "-3"], "argument --seeds: must be a positive integer, got -3"),
+    (["--tasks", "NotAnEnv"], "--tasks: NotAnEnv is neither a POPGym class nor a gymnasium id"),
+    (["--job", "2"], "unrecognized arguments: --job 2"),  # no abbreviations
+])
+def test_reproduce_bad_input_is_one_line(flags, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        load_reproduce().parse_args(flags)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1
+    assert err.startswith(f"reproduce.py: error: {message}")
+
+
+def test_reproduce_failed_run_shows_its_last_line(tmp_path, monkeypatch, capsys):
+    rep = load_reproduce()
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/bash\necho starting\necho 'ffm_tbb_dqn.py: error: --seed must be "
+                    "in [0, 2**32)' >&2\nexit 2\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(rep.sys, "executable", str(fake))
+    args = rep.parse_args(["--tasks", "RepeatFirstEasy", "--models", "ffm", "--batchings", "tbb",
+                           "--seeds", "1", "--grid-dir", str(tmp_path / "grid"), "--curves",
+                           str(tmp_path / "c.csv")])
+    rep.run_grid(args)
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == (f"FAILED (2): {rep.command('RepeatFirstEasy', 'ffm', 'tbb', 1, args)[0]}: "
+                       "ffm_tbb_dqn.py: error: --seed must be in [0, 2**32)")
 
 
 def test_reproduce_rejects_an_unknown_batching(capsys):
@@ -1490,7 +1630,7 @@ def test_reproduce_paper_recipe_is_the_papers_settings(tmp_path):
         assert parsed.buffer_size >= 2 * parsed.total_timesteps  # nothing is evicted
         assert (parsed.trace_size, parsed.context_size) == (16, 16)  # its RepeatPrevious FFM
         # a curve that rises then falls: the plain final is 0.0, the best so far 0.5
-        write_fake_run(out, [103_000, 515_000, 1_030_000], [-0.5, 0.5, 0.0], 0.9)
+        write_fake_run(out, [103_000, 515_000, 1_030_000], [-0.5, 0.5, 0.0], 0.9, cmd)
     for batching in ("sbb10", "sbb50", "sbb100"):
         assert strip_run_flags(flags[batching], "ffm", batching) == strip_run_flags(
             flags["tbb"], "ffm", "tbb")
@@ -1514,7 +1654,8 @@ def test_reproduce_readme_table_is_the_commands_output():
     end = text.index("<!-- end of results table -->")
     args = rep.parse_args(begin.group(1).split())
     assert args.plot_only and args.course_table
-    table = rep.course_table(rep.kept_curves(os.path.join(HERE, args.curves)), args)
+    table = rep.course_table(rep.asked_curves(rep.kept_curves(os.path.join(HERE, args.curves)),
+                                              args)[0], args)
     assert text[begin.end():end] == table, "README's results table: rerun " + begin.group(1)
     assert open(os.path.join(HERE, args.course_table)).read() == table
 
@@ -1569,11 +1710,13 @@ def test_reproduce_course_table_and_figure(tmp_path, capsys):
     assert rows[2][2:4] == ["+1.00; 11", "no run kept"]
     assert rows[3][2:4] == ["~1.0", "~0.9"]  # the paper's Fig. 3
     assert all(r[2:] == ["no run kept"] * 4 for r in rows[4::4])  # no other cell has runs
-    assert rep.course_figure(rep.kept_curves(str(path)), args, str(tmp_path / "g.png")) == [
+    kept = rep.kept_curves(str(path))
+    assert rep.course_figure(rep.asked_curves(kept, args)[0], args, str(tmp_path / "g.png")) == [
         ("RepeatFirstEasy", "ffm")]  # one panel: no empty ones
     variant = rep.parse_args(flags + ["--variant", "first_network"])
     rows = [[c.strip() for c in line.split("|")[1:-1]]
-            for line in rep.course_table(rep.kept_curves(str(path)), variant).splitlines()[2:]]
+            for line in rep.course_table(rep.asked_curves(kept, variant)[0],
+                                         variant).splitlines()[2:]]
     assert rows[0][2:] == ["no run kept"] * 4 and rows[2][2] == "+1.00; 11"  # the paper's stays
     count_recall = 4 * rep.COURSE_CELLS.index(("CountRecallEasy", "ffm"))
     assert rows[count_recall][2:] == ["no run kept", "no run kept", "-0.90 (1 seed)", "no run kept"]
@@ -1753,8 +1896,8 @@ def test_official_log_becomes_a_curve_beside_ours(tmp_path):
     out, cmd = rep.command("RepeatFirstEasy", "ffm", "paper-tbb", 1, args)
     assert cmd is None  # never run by the grid
     official.main([str(log), "--episode-length", "51", "--out", out])
-    (curve,) = rep.finished_curves(rep.record_curves(args), "RepeatFirstEasy", "ffm", "paper-tbb",
-                                   args)
+    (curve,) = rep.finished_curves(rep.record_curves(args)[0], "RepeatFirstEasy", "ffm",
+                                   "paper-tbb", args)
     np.testing.assert_array_equal(curve["global_step"], [5001 * 51, 7500 * 51, 10000 * 51])
     np.testing.assert_array_equal(curve["updates"], [1, 2500, 5000])
     # Episodes of varying length (PositionOnlyCartPole): at the step of our run's same update.
@@ -1993,7 +2136,7 @@ def readme_commands():
         for i in [i for i, w in enumerate(words) if w in ("python", "python3")]:
             command = words[i + 1:]
             command = command[:next((j for j, w in enumerate(command)
-                                     if w in ("&&", "||", ";", "|")), len(command))]
+                                     if w in ("&&", "||", ";", "|", ">")), len(command))]
             if command and command[0] != "-m":  # python -m pytest, pip: not our scripts
                 commands.append((command[0], command[1:]))
     return commands

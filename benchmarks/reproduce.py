@@ -16,17 +16,26 @@ and its Fig. 3. Every file written is named on stdout.
     python benchmarks/reproduce.py --recipe paper --plot-only --variant first_network
                                                  # the same from the rows tbb+first_network, ...
 
+    python benchmarks/reproduce.py --recipe paper --commands | parallel -j 8
+                                                 # the unfinished runs, one shell line each
+
 A batching may carry variants after "+": ablations of benchmarks/ablations.py (e.g.
-tbb+first_network) and one_env (the paper's collection: one env, --num-envs 1), e.g.
-tbb+first_network+one_env. A run whose metrics.csv already reaches --total-timesteps is
-skipped, so the grid resumes. Each finished run's eval curve is also copied into --curves, a
-committed CSV, so the figure and table can be redrawn without runs/ (which is not committed).
+tbb+first_network) and flags of the scripts (one_env: the paper's collection, --num-envs 1;
+the LRU rings *_lru_init), e.g. tbb+first_network+one_env. A run is the same run only if its
+whole command is the same (every flag but its folder): its settings. Each run folder keeps
+them (command.json), and each finished run's eval curve is copied with a hash of them into
+--curves, a committed CSV, so the figure and table can be redrawn without runs/ (which is not
+committed). A run already finished with the same settings is skipped, so the grid resumes;
+one kept with other settings (another --extra, --total-timesteps, an older recipe) is run
+again, and its old curve stays kept beside the new one but is never drawn for these settings.
 """
 
 import argparse
 import csv
+import hashlib
 import json
 import os
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -113,8 +122,21 @@ PAPER_FIG3 = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, without argparse's usage block
+        print(f"reproduce.py: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def positive(text):
+    """An argparse type: an integer > 0."""
+    if not text.lstrip("+").isdigit() or int(text) <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return int(text)
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    p = Parser(description=__doc__.split("\n")[0], allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--recipe", choices=("short", "paper"), default="short",
                    help="short: our 300k-step study; paper: the paper's settings per task "
@@ -127,10 +149,11 @@ def parse_args(argv=None):
     p.add_argument("--batchings", nargs="+", default=None,
                    help="tbb, or sbbL for segments of L steps; None: tbb sbb10 sbb50 "
                         "(paper: tbb sbb10 sbb50 sbb100)")
-    p.add_argument("--seeds", type=int, default=3, help="seeds 1..N of every configuration")
-    p.add_argument("--total-timesteps", type=int, default=300_000, help="env steps of every run")
+    p.add_argument("--seeds", type=positive, default=3, help="seeds 1..N of every configuration")
+    p.add_argument("--total-timesteps", type=positive, default=300_000,
+                   help="env steps of every run (the short recipe's)")
     p.add_argument("--extra", default="", help="more flags for every run, e.g. '--num-envs 16'")
-    p.add_argument("--jobs", type=int, default=1, help="runs at once")
+    p.add_argument("--jobs", type=positive, default=1, help="runs at once")
     p.add_argument("--grid-dir", default=None,
                    help="where the runs go (not committed); None: runs/reproduce[_paper]")
     p.add_argument("--figure", default=None, help="learning curves of every batching, one panel "
@@ -153,6 +176,9 @@ def parse_args(argv=None):
     p.add_argument("--curves", default=None, help="CSV of every finished run's eval curve, "
                    "kept across grids; None: figures/tbb_vs_sbb[_paper]_curves.csv")
     p.add_argument("--plot-only", action="store_true", help="do not run, only plot and tabulate")
+    p.add_argument("--commands", action="store_true", help="do not run: print the shell line of "
+                   "every unfinished run, exactly as the runner would start it (for GNU parallel "
+                   "or a job array; run them from this folder, then --plot-only)")
     args = p.parse_args(argv)
     paper = args.recipe == "paper"
     suffix = "_paper" if paper else ""
@@ -181,6 +207,11 @@ def parse_args(argv=None):
     args.curves = args.curves or os.path.join("figures", f"tbb_vs_sbb{suffix}_curves.csv")
     if paper and not set(args.tasks) <= set(PAPER_TASKS):
         p.error(f"--recipe paper knows the tasks {', '.join(PAPER_TASKS)}")
+    if not paper and not args.plot_only:
+        unknown = [t for t in args.tasks if not known_env(t)]
+        if unknown:
+            p.error(f"--tasks: {', '.join(unknown)} is neither a POPGym class nor a gymnasium "
+                    "id (e.g. RepeatFirstEasy, CartPole-v1)")
     for batching in args.batchings:
         b, *variants = batching.removeprefix("paper-").split("+")  # paper-: the paper's own
         # code, plotted, never run (official.py)
@@ -191,6 +222,12 @@ def parse_args(argv=None):
             p.error(f"{batching}: the variants after + are {', '.join(FLAG_VARIANTS)} and "
                     f"{', '.join(ABLATIONS)}")
     return args
+
+
+def known_env(name):
+    import gymnasium
+    import popgym.envs
+    return hasattr(popgym.envs, name) or name in gymnasium.registry
 
 
 def task_flags(task, args, model=None):
@@ -233,9 +270,43 @@ def command(task, model, batching, seed, args):
                  *args.extra.split()]
 
 
-def read_curve(out):
-    """The eval rows of the newest run in `out` as {column: array}, or None if there is none."""
-    runs = [os.path.join(out, d) for d in os.listdir(out)] if os.path.isdir(out) else []
+def settings(cmd):
+    """What a run is made with: its command without the interpreter and the run's folder, the
+    script relative to the project. Two runs are the same run only if these are equal."""
+    i = cmd.index("--output-dir")
+    return [os.path.relpath(cmd[1], ROOT), *cmd[2:i], *cmd[i + 2:]]
+
+
+def settings_id(key, args):
+    """The kept curves' name for the settings of run `key` under args: a hash of them, or
+    "official" for the paper's own code (its curves are imported by official.py, never run)."""
+    cmd = command(*key, args)[1]
+    if cmd is None:
+        return "official"
+    return hashlib.sha256(json.dumps(settings(cmd)).encode()).hexdigest()[:12]
+
+
+def shell_line(out, cmd):
+    """The one shell line that makes a run, from the folder the runner was started in: the run
+    folder, its settings in command.json (so that --plot-only knows what it was made with), then
+    the run, its output in log.txt. The runner starts exactly these; --commands prints them."""
+    q = shlex.quote
+    return (f"mkdir -p {q(out)} && printf '%s\\n' {q(json.dumps(settings(cmd)))} > "
+            f"{q(os.path.join(out, 'command.json'))} && {shlex.join(cmd)} > "
+            f"{q(os.path.join(out, 'log.txt'))} 2>&1")
+
+
+def read_curve(out, cmd=None):
+    """The eval rows of the newest run in `out` as {column: array}, or None if there is none or
+    the folder's settings (command.json) are not those of `cmd` (None: the paper's own code)."""
+    try:
+        if cmd is not None:
+            with open(os.path.join(out, "command.json")) as f:
+                if json.load(f) != settings(cmd):
+                    return None
+        runs = [os.path.join(out, d) for d in os.listdir(out)]
+    except (OSError, ValueError):  # no settings kept (made by another runner), or no folder
+        return None
     runs = [d for d in runs if os.path.isfile(os.path.join(d, "metrics.csv"))]
     if not runs:
         return None
@@ -253,41 +324,75 @@ RECORD_LOCK = threading.Lock()
 
 
 def kept_curves(path):
-    """{(task, model, batching, seed): eval curve} as kept in the curves CSV `path`."""
+    """{(task, model, batching, seed, settings): eval curve} as kept in the curves CSV `path`.
+    Settings "" marks a curve kept before they were recorded (benchmarks/curves_first_network.csv)."""
     rows = {}
     if os.path.isfile(path):
         with open(path) as f:
             for r in csv.DictReader(f):
-                key = (r["task"], r["model"], r["batching"], int(r["seed"]))
+                key = (r["task"], r["model"], r["batching"], int(r["seed"]), r.get("settings", ""))
                 rows.setdefault(key, []).append([float(r[c]) for c in CURVE])
     return {key: dict(zip(CURVE, np.array(v).T)) for key, v in rows.items()}
 
 
 def record_curves(args):
-    """{(task, model, batching, seed): eval curve} of every finished run: those kept in
-    args.curves, plus this grid's runs that have finished in runs/ since (written back).
-    Always as kept, so a table from runs/ equals one made later from the CSV alone."""
-    curves = kept_curves(args.curves)
+    """Copy into args.curves the curves of this grid's runs that have finished in runs/, with a
+    hash of their settings. -> (curves, other): {(task, model, batching, seed): eval curve} of
+    the runs asked for that were kept with the settings args asks for (or before settings were
+    recorded), always as kept, so that a table from runs/ equals one made later from the CSV
+    alone; and the runs asked for that were kept with other settings only."""
+    kept = kept_curves(args.curves)
     found = {}
     for key in grid(args):
-        curve = read_curve(command(*key, args)[0])
+        out, cmd = command(*key, args)
+        curve = read_curve(out, cmd)
         if curve is not None and curve["global_step"][-1] >= task_flags(key[0], args)[1]:
             nan = np.full(len(curve["global_step"]), np.nan)  # e.g. the paper code's density
-            found[key] = {c: curve.get(c, nan) for c in CURVE}
-    if found:
-        curves |= found
-        os.makedirs(os.path.dirname(args.curves) or ".", exist_ok=True)
-        tmp = f"{args.curves}.{os.getpid()}.tmp"  # one per process: two grids may share the CSV
-        with open(tmp, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(KEY + CURVE)
-            for key in sorted(curves):
-                for step, updates, *values in zip(*(curves[key][c] for c in CURVE)):
-                    writer.writerow([*key, f"{step:.0f}", f"{updates:.0f}",
-                                     *(f"{v:.6g}" for v in values)])
-        os.replace(tmp, args.curves)  # atomic: a reader never sees half a file
-        curves = kept_curves(args.curves)
-    return curves
+            found[key + (settings_id(key, args),)] = {c: curve.get(c, nan) for c in CURVE}
+    if found.keys() - kept.keys():
+        write_curves(args.curves, kept | found)
+        kept = kept_curves(args.curves)
+    return asked_curves(kept, args)
+
+
+def write_curves(path, kept):
+    """Write {(task, model, batching, seed, settings): eval curve} as the curves CSV `path`."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"  # one per process: two grids may share the CSV
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(KEY + ("settings",) + CURVE)
+        for key in sorted(kept):
+            for step, updates, *values in zip(*(kept[key][c] for c in CURVE)):
+                writer.writerow([*key, f"{step:.0f}", f"{updates:.0f}",
+                                 *(f"{v:.6g}" for v in values)])
+    os.replace(tmp, path)  # atomic: a reader never sees half a file
+
+
+def asked_curves(kept, args):
+    """-> (curves, other) of record_curves, from the kept curves `kept`."""
+    asked = set(grid(args)) | set(course_keys(args))
+    curves, unchecked, other = {}, {}, set()
+    for (*key, made_with), curve in kept.items():
+        key = tuple(key)
+        if key not in asked:
+            continue
+        if made_with == settings_id(key, args):
+            curves[key] = curve
+        elif made_with == "":
+            unchecked[key] = curve
+        else:
+            other.add(key)
+    return unchecked | curves, sorted(other - curves.keys() - unchecked.keys())
+
+
+def other_settings_note(other):
+    """One line on the asked runs that were kept only with other settings, or ""."""
+    if not other:
+        return ""
+    task, model, batching, seed = other[0]
+    return (f"{len(other)} of the runs asked for were kept only with other settings than these "
+            f"(e.g. {task} {model} {batching} seed {seed}): not drawn, and run again by the grid")
 
 
 def grid(args):
@@ -303,18 +408,33 @@ def bootstrap_ci(values, rng, resamples=2000):
     return values.mean(axis=0), np.percentile(means, 2.5, axis=0), np.percentile(means, 97.5, axis=0)
 
 
+def unfinished(args):
+    """-> ([(run folder, shell line)] of the grid's runs not yet finished with these settings,
+    the runs asked for that were kept with other settings only)."""
+    curves, other = record_curves(args)
+    todo = [command(*key, args) for key in grid(args) if key not in curves]
+    return [(out, shell_line(out, cmd)) for out, cmd in todo if cmd is not None], other
+
+
+def last_line(path):
+    """The last non-empty line of a run's log, which names what went wrong."""
+    try:
+        with open(path, errors="replace") as log:
+            return ([line.strip() for line in log if line.strip()] or ["(no output)"])[-1]
+    except OSError as e:
+        return f"(no log: {e.strerror})"
+
+
 def run_grid(args):
-    done = record_curves(args)
-    todo = [command(*key, args) for key in grid(args) if key not in done]
-    todo = [(out, cmd) for out, cmd in todo if cmd is not None]
-    print(f"{len(todo)} runs to do", flush=True)
+    todo, other = unfinished(args)
+    note = other_settings_note(other)
+    print(f"{len(todo)} runs to do" + (f"; {note}" if note else ""), flush=True)
 
     def one(job):
-        out, cmd = job
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "log.txt"), "w") as log:
-            code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
-        print(f"{'done' if code == 0 else f'FAILED ({code})'}: {out}", flush=True)
+        out, line = job  # exactly what --commands prints
+        code = subprocess.run(line, shell=True, executable="/bin/bash").returncode
+        print(f"done: {out}" if code == 0 else
+              f"FAILED ({code}): {out}: {last_line(os.path.join(out, 'log.txt'))}", flush=True)
         with RECORD_LOCK:
             record_curves(args)
 
@@ -353,7 +473,9 @@ def summarise(args):
         return os.stat(path).st_mtime_ns if os.path.isfile(path) else None
 
     before = state(args.curves)
-    curves = record_curves(args)
+    curves, other = record_curves(args)
+    if other:
+        print(f"note: {other_settings_note(other)}", file=sys.stderr)
     wrote = [args.curves] if state(args.curves) != before else []
     if args.figure or args.table:
         wrote += summarise_batchings(curves, args)
@@ -458,6 +580,14 @@ MODEL_NAMES = {"ffm": "FFM", "lru": "LRU", "linear_transformer": "linear transfo
 
 def course_cells(args):
     return [(t, m) for t, m in COURSE_CELLS if t in args.tasks and m in args.models]
+
+
+def course_keys(args):
+    """Every run README section 5 may draw under args: ours and the paper code's, per seed."""
+    if args.recipe != "paper":
+        return []
+    return [(t, m, b, s) for t, m in course_cells(args) for own in COURSE_BATCHINGS
+            for b in (ours(own, args), f"paper-{own}") for s in range(1, args.seeds + 1)]
 
 
 def ours(batching, args):
@@ -592,6 +722,12 @@ def summarise_course(curves, args):
 
 if __name__ == "__main__":
     a = parse_args()
+    if a.commands:
+        try:
+            print("\n".join(line for _, line in unfinished(a)[0]), flush=True)
+        except BrokenPipeError:  # | head: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit()
     if not a.plot_only:
         run_grid(a)
     summarise(a)
