@@ -1426,7 +1426,12 @@ def test_reproduce_variants_swap_one_thing(tmp_path, capsys):
     lam = lru.lru_lambda(lru.init_params(jax.random.PRNGKey(0), 4, 2, first)["lru"][0])
     assert np.abs(lam).min() >= 0.9 - 1e-6 and np.abs(lam).max() <= 0.999 + 1e-6
     assert np.angle(lam).max() <= np.pi / 10 + 1e-5
-    for bad in ("tbb+fast", "sbb10+first_network+fast", "tbb+paper_network"):
+    # flag=value: that flag appended, so it wins over the recipe's (argparse keeps the last)
+    lr = rep.command("CountRecallEasy", "lru", "tbb+learning-rate=3e-5", 1, args)[1]
+    assert strip_run_flags(lr[2:], "lru", "tbb") == strip_run_flags(
+        cmds["tbb"][2:], "lru", "tbb") + ["--learning-rate", "3e-5"]
+    assert lru.parse_args(lr[2:]).learning_rate == 3e-5
+    for bad in ("tbb+fast", "sbb10+first_network+fast", "tbb+paper_network", "tbb+=3"):
         with pytest.raises(SystemExit) as e:
             rep.parse_args(["--batchings", bad])
         assert e.value.code == 2 and bad in capsys.readouterr().err

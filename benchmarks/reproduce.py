@@ -217,9 +217,10 @@ def parse_args(argv=None):
         # code, plotted, never run (official.py)
         if b != "tbb" and not (b.startswith("sbb") and b[3:].isdigit() and int(b[3:]) > 0):
             p.error(f"unknown batching {b!r}: use tbb or sbbL, e.g. sbb10 (or paper-tbb ...)")
-        if not set(variants) <= set(ABLATIONS) | set(FLAG_VARIANTS) | set(
-                RETIRED if args.plot_only else ()):
-            p.error(f"{batching}: the variants after + are {', '.join(FLAG_VARIANTS)} and "
+        named = {v for v in variants if not flag_variant(v)}
+        if not named <= set(ABLATIONS) | set(FLAG_VARIANTS) | set(RETIRED * args.plot_only):
+            p.error(f"{batching}: the variants after + are flag=value (any flag of the "
+                    f"scripts, e.g. learning-rate=3e-5), {', '.join(FLAG_VARIANTS)} and "
                     f"{', '.join(ABLATIONS)}")
     return args
 
@@ -228,6 +229,15 @@ def known_env(name):
     import gymnasium
     import popgym.envs
     return hasattr(popgym.envs, name) or name in gymnasium.registry
+
+
+def flag_variant(variant):
+    """A variant flag=value, e.g. learning-rate=3e-5, as the flags ["--learning-rate", "3e-5"];
+    None for any other variant."""
+    name, equals, value = variant.partition("=")
+    if equals and value and name.replace("-", "").isalpha():
+        return [f"--{name}", value]
+    return None
 
 
 def task_flags(task, args, model=None):
@@ -256,12 +266,12 @@ def command(task, model, batching, seed, args):
     else:
         script, batching_flags = "sbb_baseline_dqn.py", ["--memory", model,
                                                          "--segment-length", base[3:]]
-    ablation = "+".join(v for v in variants if v not in FLAG_VARIANTS)
+    ablation = "+".join(v for v in variants if v not in FLAG_VARIANTS and not flag_variant(v))
     if ablation:  # ablations.py runs the script with those functions swapped
         script = os.path.join("benchmarks", "ablations.py")
         if base == "tbb":  # ablations.py picks the TBB script by --memory, as SBB does
             batching_flags = ["--memory", model]
-    batching_flags += [f for v in variants for f in FLAG_VARIANTS.get(v, [])]
+    batching_flags += [f for v in variants for f in FLAG_VARIANTS.get(v, flag_variant(v) or [])]
     flags, total = task_flags(task, args, model)
     env_id = PAPER_TASKS[task][0] if args.recipe == "paper" else task
     return out, [sys.executable, os.path.join(ROOT, script), *([ablation] if ablation else []),
