@@ -1569,9 +1569,9 @@ def test_vml_reuses_a_finished_run(tmp_path):
 
 def test_vml_trains_lru_on_the_wide_ring_unless_told_otherwise():
     ring = lambda a: (a.r_min, a.r_max, a.max_phase)
-    assert ring(lru.parse_args(vml.parse_args([]).script_flags)) == (0.0, 0.9999, 6.28)
+    assert ring(lru.parse_args(vml.parse_args([]).script_flags)) == ([0.0], [0.9999], [6.28])
     told = vml.parse_args(["--r-min", "0.5", "--hidden-size", "8"]).script_flags
-    assert ring(lru.parse_args(told)) == (0.5, 0.9999, 6.28)
+    assert ring(lru.parse_args(told)) == ([0.5], [0.9999], [6.28])
     assert vml.parse_args(["--memory", "ffm", "--trace-size", "8"]).script_flags == [
         "--trace-size", "8"]
 
@@ -2205,7 +2205,7 @@ def test_sbb_sizes_follow_its_own_rule_not_tbbs(tmp_path, capsys):
 def test_max_phase_takes_the_readme_spelling_of_pi(capsys):
     for text, value in [("pi/10", np.pi / 10), ("2*pi", 2 * np.pi), ("2pi/3", 2 * np.pi / 3),
                         ("0.314", 0.314)]:
-        assert lru.parse_args(["--max-phase", text]).max_phase == pytest.approx(value)
+        assert lru.parse_args(["--max-phase", text]).max_phase == pytest.approx([value])
     for text in ("pi*2", "1/0", "pie", "0", "x/10"):
         with pytest.raises(SystemExit) as exit_info:
             lru.parse_args(["--max-phase", text])
