@@ -65,6 +65,7 @@ import csv
 import os
 import platform
 import sys
+import tempfile
 import time
 from functools import partial
 
@@ -134,7 +135,8 @@ def _methods(text):
 
 
 def parse_args(argv=None):
-    parser = _Parser(description="Time the discounted return-to-go as a memoroid against baselines.")
+    parser = _Parser(description="Time the discounted return-to-go as a memoroid against baselines.",
+                     allow_abbrev=False)  # no abbreviations: a typo is an error, not another flag
     add = parser.add_argument
     add("--gamma", type=_gamma, default=0.99, help="discount factor in [0, 1] (default 0.99)")
     add("--repeats", type=_count, default=5,
@@ -253,6 +255,7 @@ def blocked_scan(fn, elems, reverse=False, block_size=64):
         flip = partial(jax.tree.map, lambda e: e[::-1])
         return flip(blocked_scan(fn, flip(elems), block_size=block_size))
     length = jax.tree.leaves(elems)[0].shape[0]
+    block_size = min(block_size, max(length, 2))  # a block longer than the tape is the tape
     num_blocks = -(-length // block_size)
     pad = num_blocks * block_size - length
 
@@ -457,12 +460,14 @@ def plot(rows, path, title):
     fig.savefig(path, dpi=120)
 
 
-if __name__ == "__main__":
-    args = parse_args()
-    try:
+def main(argv=None):
+    args = parse_args(argv)
+    try:  # a folder it cannot write to is found now, not after the benchmark
         os.makedirs(args.output_dir, exist_ok=True)
+        tempfile.TemporaryFile(dir=args.output_dir).close()
     except OSError as error:
-        print(f"discounted_return_scan.py: error: cannot create --output-dir: {error}", file=sys.stderr)
+        print(f"discounted_return_scan.py: error: --output-dir {args.output_dir}: cannot write there "
+              f"({error.strerror})", file=sys.stderr)
         sys.exit(2)
     cpu = platform.processor() or platform.machine()
     device = f"{jax.devices()[0].platform.upper()} ({os.cpu_count()} cores, {cpu})"
@@ -480,3 +485,7 @@ if __name__ == "__main__":
     write_csv(rows, outputs[0])
     plot(rows, outputs[1], f"Discounted return-to-go, {device}")
     print(f"wrote {files}")
+
+
+if __name__ == "__main__":
+    main()

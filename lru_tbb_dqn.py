@@ -31,10 +31,22 @@ import time
 from functools import partial, wraps
 from typing import NamedTuple
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
+
+def interrupted(signum, frame):
+    """Ctrl-C before train() takes the signals (while jax loads, a second or two): stop at once,
+    in one line (a KeyboardInterrupt there is a traceback, or is lost in a callback of jax's and
+    the run goes on). Nothing is written yet; train() hands a second Ctrl-C back to this."""
+    print(f"{os.path.basename(sys.argv[0])}: error: interrupted", file=sys.stderr)
+    os._exit(130)
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, interrupted)
+
+import jax  # noqa: E402  (after the handler above)
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
 
 
 # =============================================================================================
@@ -491,7 +503,7 @@ def stops_cleanly(train):
             return train(args, stop)
         except KeyboardInterrupt:  # a second Ctrl-C
             fail("interrupted", code=130)
-        except (MemoryError, jax.errors.JaxRuntimeError) as e:
+        except (MemoryError, ValueError, jax.errors.JaxRuntimeError) as e:  # ValueError: a CPU's
             if isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e):
                 fail(f"out of memory ({(str(e) or 'MemoryError').splitlines()[0][:200]}); try a "
                      "smaller --batch-size, --buffer-size or --num-envs", code=1)
@@ -615,11 +627,15 @@ def train(args, stop):
 # argparse does.
 def fail(message, code=2):
     """Stop with one line on stderr: code 2 for bad input, 1 for a run that failed."""
+    message = " ".join(message.split())  # one line, even where it quotes a library's error
     print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
     sys.exit(code)
 
 
 class Parser(argparse.ArgumentParser):
+    def __init__(self, **kwargs):  # no abbreviations: --seed is not --seeds, a typo is an error
+        super().__init__(allow_abbrev=False, **kwargs)
+
     def error(self, message):  # one line, without argparse's usage block
         fail(message)
 
@@ -636,9 +652,11 @@ def checked(cast, ok, must, name=None):
 
 POSITIVE_INT = checked(int, lambda v: v > 0, "positive")
 NON_NEGATIVE_INT = checked(int, lambda v: v >= 0, ">= 0")
-POSITIVE_FLOAT = checked(float, lambda v: v > 0, "positive")
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # a larger float is inf on the device
+POSITIVE_FLOAT = checked(float, lambda v: 0 < v <= FLOAT32_MAX, "positive and finite")
 UNIT = checked(float, lambda v: 0 <= v <= 1, "in [0, 1]")
 OPEN_UNIT = checked(float, lambda v: 0 < v <= 1, "in (0, 1]")
+SEED = checked(int, lambda v: 0 <= v < 2**63, "in [0, 2**63 - 1]")  # gymnasium's, jax's range
 JSON_OBJECT = checked(json.loads, lambda v: isinstance(v, dict), "a JSON object", "JSON")
 
 
@@ -652,7 +670,8 @@ def pi_float(text):
     return value / float(divisor or 1)
 
 
-POSITIVE_ANGLE = checked(pi_float, lambda v: v > 0, "positive", "float")
+POSITIVE_ANGLE = checked(pi_float, lambda v: 0 < v <= FLOAT32_MAX, "positive and finite",
+                         "float")
 
 
 def make_parser():
@@ -666,7 +685,7 @@ def make_parser():
         """arguments as JSON, e.g. '{"num_decks": 2, "k": 10}'""")
     add("--prev-action", choices=("auto", "on", "off"), default="auto", help="popgym's "
         "PreviousAction wrapper (the last action in the observation); auto: where popgym says")
-    add("--seed", type=int, default=1, help="seed of the network, the envs and sampling")
+    add("--seed", type=SEED, default=1, help="seed of the network, the envs and sampling")
     add("--total-timesteps", type=POSITIVE_INT, default=300_000, help="env steps over all "
         "envs, rounded up to a multiple of --num-envs")
     add("--num-envs", type=POSITIVE_INT, default=32, help="envs stepped by one batched act call")
@@ -706,7 +725,8 @@ def parse_args(argv=None):
     args = make_parser().parse_args(argv)
     check_model_flags(args)
     if args.load_model is not None and not os.path.isfile(args.load_model):
-        fail(f"--load-model: no such file {args.load_model!r}")
+        fail(f"--load-model {args.load_model!r} is a folder, not a params.npz" if os.path.isdir(
+            args.load_model) else f"--load-model: no such file {args.load_model!r}")
     if args.learning_starts >= args.total_timesteps:
         fail(f"--learning-starts {args.learning_starts:,d} is not below --total-timesteps "
              f"{args.total_timesteps:,d}: the run would end as training starts")
@@ -737,6 +757,8 @@ def resolve_env(env_id, max_episode_steps=0, env_kwargs=None, prev_action="auto"
     try:
         probe = make_raw()
     except Exception as e:  # noqa: BLE001  (a constructor may raise anything for bad arguments)
+        if not env_kwargs or isinstance(e, (ImportError, gym.error.DependencyNotInstalled)):
+            fail(f"--env-id {env_id} cannot be made here: {e}")
         fail(f"{env_id} does not take --env-kwargs {json.dumps(env_kwargs)}: {e}")
     is_popgym = isinstance(probe.unwrapped, POPGymEnv)
     space = probe.action_space
@@ -748,6 +770,9 @@ def resolve_env(env_id, max_episode_steps=0, env_kwargs=None, prev_action="auto"
            or (probe.spec.max_episode_steps if probe.spec else None))
     if not cap:
         fail(f"{env_id} states no episode cap; pass --max-episode-steps")
+    if cap < 1:
+        fail(f"{env_id} with --env-kwargs {json.dumps(env_kwargs)} has episodes of at most {cap} "
+             "steps")
 
     def make_env():
         env = make_raw()
@@ -792,14 +817,21 @@ def start_run(args, **extra):
     learning_curve.png and, with --save-model, params.npz). -> (folder, log), where log(**row)
     writes a metrics.csv row and prints a progress line."""
     env = args.env_id + "".join(f"-{k}{v}" for k, v in args.env_kwargs.items())
-    run_name = f"{env}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join(args.output_dir, run_name)
+    while True:
+        run_name = f"{env}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        run_dir = os.path.join(args.output_dir, run_name)
+        try:
+            os.makedirs(run_dir)
+            break
+        except FileExistsError:  # a run of this name began this second: take the next second
+            time.sleep(0.1)
+        except OSError as e:
+            fail(f"--output-dir {args.output_dir}: cannot make the run folder there ({e.strerror})")
+    path = os.path.join(run_dir, "args.json")
     try:
-        os.makedirs(run_dir)
+        write_whole(path, lambda f: f.write(json.dumps(vars(args) | extra, indent=2).encode()))
     except OSError as e:
-        fail(f"--output-dir {args.output_dir}: cannot make the run folder there ({e.strerror})")
-    with open(os.path.join(run_dir, "args.json"), "w") as f:
-        json.dump(vars(args) | extra, f, indent=2)
+        fail(f"cannot write {path} ({e.strerror})", code=1)
     print(f"{run_name}: {args.env_id}, {', '.join(f'{k} {v}' for k, v in extra.items())}, "
           f"backend {jax.default_backend()}, run folder {run_dir}")
     path, fields = os.path.join(run_dir, "metrics.csv"), (
@@ -832,6 +864,10 @@ def start_run(args, **extra):
               f"{num(row['eval_return'], '+.3f')} | loss {num(row['td_loss'], '.2e')} | eps "
               f"{row['epsilon']:.3f} | {clock(elapsed)} elapsed, "
               f"ETA {clock(elapsed * (args.total_timesteps - step) / step)}", flush=True)
+        if step >= args.total_timesteps and not row["updates"]:  # the last row
+            fail(f"nothing was trained: no episode ended within --total-timesteps "
+                 f"{args.total_timesteps:,d} ({step // args.num_envs:,d} steps in each of "
+                 f"--num-envs {args.num_envs}); raise it, or lower --num-envs", code=1)
 
     return run_dir, log
 
@@ -893,6 +929,8 @@ def load_params(template, path, meta=None):
         fail(f"--load-model {path}: not a params.npz written by --save-model")
     hint = "use the model flags it was trained with"
     if meta and was:  # older files do not say what they are
+        if not isinstance(was, dict) or not meta.keys() <= was.keys():
+            fail(f"--load-model {path}: its __meta__ is not one that --save-model writes")
         if was["script"] != meta["script"]:
             fail(f"--load-model {path}: a checkpoint of {was['script']}, not of {meta['script']}")
         if (was["obs_dim"], was["num_actions"]) != (meta["obs_dim"], meta["num_actions"]):
@@ -910,7 +948,12 @@ def load_params(template, path, meta=None):
         if name not in stored or stored[name].shape != leaf.shape:
             fail(f"--load-model {path}: parameter {name} is missing or shaped differently; "
                  + hint)
-        return jnp.asarray(stored[name])
+        if stored[name].dtype.kind != "f":
+            fail(f"--load-model {path}: parameter {name} holds {stored[name].dtype}, not finite "
+                 "floats")
+        if not np.isfinite(stored[name]).all():  # else the loss, and a --learning-rate hint
+            fail(f"--load-model {path}: parameter {name} holds NaN or inf")
+        return jnp.asarray(stored[name], leaf.dtype)
 
     return jax.tree_util.tree_map_with_path(load, template)
 

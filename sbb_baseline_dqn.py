@@ -25,15 +25,28 @@ Help:  python sbb_baseline_dqn.py --memory lru --help      (with that memory's m
 
 import importlib.util
 import os
+import signal
+import sys
 from functools import partial
 from typing import NamedTuple
 
-import jax
-import jax.numpy as jnp
-import optax
 
-import ffm_tbb_dqn
-from ffm_tbb_dqn import td_targets  # the same text in every TBB script
+def interrupted(signum, frame):
+    """Ctrl-C before train() takes the signals (while jax loads): stop at once, in one line, as
+    the TBB scripts do (their interrupted() tells why)."""
+    print(f"{os.path.basename(sys.argv[0])}: error: interrupted", file=sys.stderr)
+    os._exit(130)
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, interrupted)
+
+import jax  # noqa: E402  (after the handler above)
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+
+import ffm_tbb_dqn  # noqa: E402
+from ffm_tbb_dqn import td_targets  # noqa: E402  (the same text in every TBB script)
 
 MEMORIES = {"ffm": "ffm_tbb_dqn", "lru": "lru_tbb_dqn",
             "linear_transformer": "linear_transformer_tbb_dqn"}

@@ -1025,6 +1025,259 @@ def test_sbb_bad_input_is_one_clear_line(flags, message, code, tmp_path, capsys)
     assert len(lines) == 1 and message in lines[0], lines
 
 
+# ---------------------------------------------------------------------------------------------
+# Issue 38: every script keeps the promise on bad input -- one line on stderr naming a flag of
+# the script that was run, exit 2 for bad input and 1 for a failed run -- or takes the input
+# ---------------------------------------------------------------------------------------------
+CHECKPOINT_FLAGS = [*TINY_MODEL["ffm"], "--hidden-size", "32"]
+
+
+def a_checkpoint(tmp_path, meta=None, change=None):
+    """A --save-model file of FFM (CHECKPOINT_FLAGS) on RepeatFirstEasy, with `meta` for its
+    own __meta__ and its first parameter replaced by change(that array), where given."""
+    obs_dim, num_actions = repeat_first_sizes()
+    args = ffm.parse_args(CHECKPOINT_FLAGS)
+    leaves, tree = jax.tree.flatten(ffm.init_params(jax.random.PRNGKey(0), obs_dim, num_actions,
+                                                    args))
+    if change:
+        leaves[0] = change(np.asarray(leaves[0]))
+    path = str(tmp_path / "params.npz")
+    ffm.save_params(jax.tree.unflatten(tree, leaves), path,
+                    ffm.checkpoint_meta(args, obs_dim, num_actions) if meta is None else meta)
+    return path
+
+
+TRAINING_BAD_INPUT = [  # (script, flags, a part of the message, exit code)
+    (ffm, ["--seed", "-1"], "--seed: must be in [0, 2**63 - 1], got -1", 2),
+    (ffm, ["--seed", "99999999999999999999999"], "--seed: must be in [0, 2**63 - 1]", 2),
+    (sbb, ["--seed", "-1"], "--seed: must be in [0, 2**63 - 1], got -1", 2),
+    (ffm, ["--env-id", "RepeatFirst", "--env-kwargs", '{"num_decks": 0}'],
+     'RepeatFirst with --env-kwargs {"num_decks": 0} has episodes of at most -1 steps', 2),
+    (ffm, ["--learning-rate", "inf"], "--learning-rate: must be positive and finite, got inf", 2),
+    (ffm, ["--max-period", "1e39"], "--max-period: must be positive and finite, got 1e39", 2),
+    (lru, ["--max-phase", "inf"], "--max-phase: must be positive and finite, got inf", 2),
+    (lru, ["--r-min", "0", "0", "--r-max", "0.9", "0.9", "--max-phase", "1", "inf"],
+     "--max-phase: must be positive and finite, got inf", 2),  # one value per ring, each checked
+    (sbb, ["--memory", "lru", "--max-phase", "inf"], "--max-phase: must be positive and finite",
+     2),
+    (ffm, ["--load-model", str], "is a folder, not a params.npz", 2),
+    (ffm, ["--load-model", partial(a_checkpoint, meta=[1, 2]), *CHECKPOINT_FLAGS],
+     "its __meta__ is not one that --save-model writes", 2),
+    (ffm, ["--load-model", partial(a_checkpoint, meta={"script": "ffm_tbb_dqn.py"}),
+           *CHECKPOINT_FLAGS], "its __meta__ is not one that --save-model writes", 2),
+    (ffm, ["--load-model", partial(a_checkpoint, change=lambda x: x.astype(np.int64)),
+           *CHECKPOINT_FLAGS], "holds int64, not finite floats", 2),
+    (ffm, ["--load-model", partial(a_checkpoint, change=lambda x: np.full_like(x, np.nan)),
+           *CHECKPOINT_FLAGS], "holds NaN or inf", 2),
+    (ffm, ["--total", "1000"], "unrecognized arguments: --total", 2),  # not --total-timesteps
+    (sbb, ["--segment", "10"], "unrecognized arguments: --segment", 2),
+]
+
+
+@pytest.mark.parametrize("script,flags,message,code", TRAINING_BAD_INPUT,
+                         ids=[f"{s.__name__}: {m}" for s, _, m, _ in TRAINING_BAD_INPUT])
+def test_training_bad_input_is_one_line_and_no_run_folder(script, flags, message, code,
+                                                           tmp_path, capsys):
+    flags = [f(tmp_path) if callable(f) else f for f in flags]
+    out = tmp_path / "runs"
+    with pytest.raises(SystemExit) as exit_info:
+        script.train(script.parse_args([*flags, "--output-dir", str(out)]))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == code and len(lines) == 1 and message in lines[0], lines
+    assert not out.exists()  # refused before the run folder is made
+
+
+def test_an_env_missing_a_dependency_is_not_blamed_on_env_kwargs(tmp_path, monkeypatch, capsys):
+    """As gymnasium's LunarLander without Box2D."""
+    import gymnasium as gym
+
+    def needs_box2d(**kwargs):
+        raise gym.error.DependencyNotInstalled("Box2D is not installed, run `pip install swig`")
+
+    monkeypatch.setitem(gym.registry, "NeedsBox2D-v0",
+                        gym.envs.registration.EnvSpec("NeedsBox2D-v0", entry_point=needs_box2d))
+    with pytest.raises(SystemExit) as exit_info:
+        ffm.train(ffm.parse_args(["--env-id", "NeedsBox2D-v0", "--output-dir", str(tmp_path)]))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1, lines
+    assert "--env-id NeedsBox2D-v0 cannot be made here: Box2D is not installed" in lines[0]
+
+
+@pytest.mark.parametrize("script", [*TBB_SCRIPTS.values(), "sbb_baseline_dqn.py"])
+def test_ctrl_c_while_the_script_starts_ends_it_in_one_line(script):
+    """SIGINT as the script begins to import jax (before train() takes signals): without a
+    handler of its own, a KeyboardInterrupt there is a traceback, or is lost in one of jax's
+    callbacks and the run goes on to its end, exit 0."""
+    code = f"""if True:
+        import builtins, os, runpy, signal, sys
+        sys.argv = [{script!r}, "--output-dir", {os.devnull!r}]
+        real_import = builtins.__import__
+
+        def ctrl_c_at_jax(name, *args, **kwargs):
+            if name == "jax":
+                os.kill(os.getpid(), signal.SIGINT)
+            return real_import(name, *args, **kwargs)
+
+        builtins.__import__ = ctrl_c_at_jax
+        runpy.run_path({os.path.join(HERE, script)!r}, run_name="__main__")
+    """
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE,
+                       timeout=120)
+    assert p.returncode == 130 and p.stderr.strip().splitlines() == [
+        f"{script}: error: interrupted"], p.stderr
+
+
+def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch, capsys):
+    """Not an --output-dir error: the second run takes the next second's name."""
+    taken = tmp_path / "RepeatFirstEasy__ffm_tbb_dqn__1__1000"
+    taken.mkdir()
+    clock = iter([1000.0])
+    monkeypatch.setattr(ffm.time, "time", lambda: next(clock, 1001.0))
+    run_dir, _ = ffm.start_run(ffm.parse_args(["--output-dir", str(tmp_path)]))
+    assert run_dir == str(tmp_path / "RepeatFirstEasy__ffm_tbb_dqn__1__1001")
+    assert not os.listdir(taken) and not capsys.readouterr().err
+
+
+def test_a_full_disk_before_args_json_is_one_line(tmp_path, monkeypatch, capsys):
+    real_open = open
+
+    def full_disk_for_args_json(file, *args, **kwargs):
+        if "args.json" in str(file):
+            raise OSError(28, "No space left on device")
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", full_disk_for_args_json)
+    with pytest.raises(SystemExit) as exit_info:
+        ffm.start_run(ffm.parse_args(["--output-dir", str(tmp_path)]))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 1 and len(lines) == 1, lines
+    assert "args.json" in lines[0] and "No space left on device" in lines[0]
+
+
+def test_a_run_that_trains_nothing_says_so(tmp_path, capsys):
+    """25 steps in each of 4 envs, and RepeatFirstEasy's episodes last 51: no episode ends, so
+    nothing is stored or trained on."""
+    flags = [*TINY, *TINY_MODEL["ffm"], "--total-timesteps", "100", "--learning-starts", "50",
+             "--log-every", "100", "--eval-every", "100", "--output-dir", str(tmp_path)]
+    with pytest.raises(SystemExit) as exit_info:
+        ffm.train(ffm.parse_args(flags))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 1 and len(lines) == 1, lines
+    assert "nothing was trained: no episode ended within --total-timesteps 100" in lines[0]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--final-steps", "1000"], "--final-steps 1000 is more than the 103 steps of an episode"),
+    (["--segment-lengths", "10", "2000"], "--segment-lengths 2000 is larger than --batch-size"),
+    (["--seed", "7"], "--seed is set for each run by this script (see --seeds"),
+    (["--seeds", "2", "--exp-name", "x"], "--exp-name is set for each run by this script"),
+    (["--total", "1000"], "unrecognized arguments: --total"),  # a training script's error
+])
+def test_vml_refuses_before_any_training(flags, message, monkeypatch, capsys):
+    for script in (lru, sbb):  # a run would be a failure of the test
+        monkeypatch.setattr(script, "train", lambda args: pytest.fail("a run started"))
+    with pytest.raises(SystemExit) as exit_info:
+        vml.main(vml.parse_args(flags))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1 and message in lines[0], lines
+
+
+def test_vml_runs_shorter_than_the_scripts_random_warm_up(tmp_path, monkeypatch):
+    """The training scripts' --learning-starts is 100,000: vml_analysis.py's runs of no more
+    steps take a third of them; longer ones (its default 300,000) keep the 100,000."""
+    for total, learning_starts in ((50_000, 16_666), (100_000, 33_333), (150_000, 100_000)):
+        runs = []
+        monkeypatch.setattr(lru, "train", runs.append)
+        args = vml.parse_args(["--total-timesteps", str(total), "--output-dir", str(tmp_path)])
+        vml.trained_run(args, "tbb", 1, args.run_flags)
+        assert (runs[0].total_timesteps, runs[0].learning_starts) == (total, learning_starts)
+
+
+def test_returns_script_checks_its_output_dir_before_the_benchmark(tmp_path, monkeypatch,
+                                                                  capsys):
+    """A read-only --output-dir (simulated: root writes anywhere) is found at the start."""
+    import discounted_return_scan as returns
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(returns.tempfile, "TemporaryFile", read_only)
+    monkeypatch.setattr(returns, "run_grid", lambda args: pytest.fail("the benchmark ran"))
+    with pytest.raises(SystemExit) as exit_info:
+        returns.main(["--output-dir", str(tmp_path)])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1, lines
+    assert f"--output-dir {tmp_path}: cannot write there (Permission denied)" in lines[0]
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_blocked_scan_takes_a_block_longer_than_the_tape(reverse):
+    """--block-size 1e30: one block, the whole tape (it padded the tape to 1e30 steps)."""
+    assert parse_returns_args(["--block-size", "1e30"]).block_size == int(1e30)
+    elems = (jnp.linspace(0.1, 0.9, 7), jnp.arange(7.0))
+    for got, expected in zip(blocked_scan(return_op, elems, reverse=reverse, block_size=int(1e30)),
+                             jax.lax.associative_scan(return_op, elems, reverse=reverse)):
+        np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+def load_benchmark(name):
+    """benchmarks/<name>.py as a module (benchmarks/ is no package)."""
+    spec = importlib.util.spec_from_file_location(
+        name, os.path.join(HERE, "benchmarks", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--collect-steps", "10"], "--collect-steps must be at least 3,264"),
+    (["--collect-steps", "1"], "--collect-steps must be at least 3,264"),
+    (["--collect", "100000"], "unrecognized arguments: --collect"),
+])
+def test_throughput_bad_input_is_one_line(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        load_benchmark("throughput").main(flags)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1 and message in lines[0], lines
+
+
+def test_ablations_read_memory_as_argparse_does(monkeypatch, capsys):
+    abl = load_benchmark("ablations")
+
+    class Chosen(Exception):
+        pass
+
+    def chosen(ablations, memory, segment_length=None):
+        raise Chosen(memory, segment_length)
+
+    monkeypatch.setattr(abl, "ablated_script", chosen)
+    for flags, memory, segment_length in [([], "ffm", None), (["--memory=lru"], "lru", None),
+                                          (["--memory", "lru"], "lru", None),
+                                          (["--memory=lru", "--segment-length=50"], "lru", 50)]:
+        with pytest.raises(Chosen) as chosen_info:
+            abl.main(["rescan_target", *flags])
+        assert chosen_info.value.args == (memory, segment_length), flags
+    for flags, message in [(["--memory"], "argument --memory: expected one argument"),
+                           (["--memory", "gru"], "argument --memory: invalid choice: 'gru'")]:
+        with pytest.raises(SystemExit) as exit_info:
+            abl.main(["rescan_target", *flags])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and len(lines) == 1 and message in lines[0], lines
+
+
+def test_no_script_takes_an_abbreviated_flag(monkeypatch, capsys):
+    """argparse's abbreviations are off: vml_analysis.py read --seed 7 as --seeds 7."""
+    official, equivalence = load_benchmark("official"), load_benchmark("paper_equivalence")
+    monkeypatch.setattr(sys, "argv", ["paper_equivalence.py", "paper", "--paper-src", "src",
+                                      "--out", "o", "--se", "1"])
+    for run in (partial(parse_returns_args, ["--block", "8"]), equivalence.main,
+                partial(official.main, ["paper.log", "--episode-length", "51", "--out", "o",
+                                         "--random", "22"])):
+        with pytest.raises(SystemExit) as exit_info:
+            run()
+        assert exit_info.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
+
+
 # =============================================================================================
 # Returns: discounted_return_scan.py's return-to-go memoroid against plain loops
 # =============================================================================================
@@ -1298,8 +1551,8 @@ def test_vml_sensitivity_is_zero_across_an_episode_start(model):
 def test_vml_script_smoke(tmp_path):
     p = run_script("vml_analysis.py", "--memory", "ffm", "--seeds", "1", "--segment-lengths", "10",
                    "--episodes", "2", "--final-steps", "2", "--output-dir", str(tmp_path),
-                   "--total-timesteps", "1000", "--learning-starts", "900", "--hidden-size",
-                   "32", "--trace-size", "8", "--context-size", "2")
+                   "--total-timesteps", "1000", "--learning-starts", "900", "--num-envs", "8",
+                   "--hidden-size", "32", "--trace-size", "8", "--context-size", "2")
     assert p.returncode == 0, p.stderr
     assert "RML = 10 observations" in p.stdout and p.stdout.count("VML = ") == 2
     with open(tmp_path / "vml.csv") as f:
@@ -1746,11 +1999,7 @@ def test_reproduce_plot_only_names_what_is_missing(tmp_path, capsys):
 # Ablations: each of benchmarks/ablations.py's replacements really changes what it replaces
 # =============================================================================================
 def load_ablations():
-    spec = importlib.util.spec_from_file_location(
-        "ablations", os.path.join(HERE, "benchmarks", "ablations.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("ablations")
 
 
 def test_ablations_change_one_function_and_leave_the_scripts_untouched(monkeypatch):
@@ -2037,6 +2286,7 @@ def test_progress_line_says_dash_before_there_is_anything_to_show(tmp_path, caps
 
 @pytest.mark.parametrize("error", [
     jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9 TiB"),
+    ValueError("RESOURCE_EXHAUSTED: Out of memory allocating 9 TiB"),  # a CPU's, as jax 0.10 has it
     MemoryError()])
 def test_out_of_memory_while_running_is_one_line(error, tmp_path, capsys):
     script = sbb.load_script("ffm")  # a private copy, to make its tape raise
@@ -2103,7 +2353,7 @@ def test_sbb_sizes_follow_its_own_rule_not_tbbs(tmp_path, capsys):
 def test_max_phase_takes_the_readme_spelling_of_pi(capsys):
     for text, value in [("pi/10", np.pi / 10), ("2*pi", 2 * np.pi), ("2pi/3", 2 * np.pi / 3),
                         ("0.314", 0.314)]:
-        assert lru.parse_args(["--max-phase", text]).max_phase == pytest.approx(value)
+        assert lru.parse_args(["--max-phase", text]).max_phase == pytest.approx([value])
     for text in ("pi*2", "1/0", "pie", "0", "x/10"):
         with pytest.raises(SystemExit) as exit_info:
             lru.parse_args(["--max-phase", text])
@@ -2126,8 +2376,12 @@ def accept_and_stop(monkeypatch, script, flags):
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
     monkeypatch.setattr(sys, "argv", [script, *flags])
     monkeypatch.syspath_prepend(os.path.dirname(os.path.join(HERE, script)))
-    with pytest.raises((Parsed, SystemExit)) as stopped:
-        runpy.run_path(os.path.join(HERE, script), run_name="__main__")
+    ctrl_c = signal.getsignal(signal.SIGINT)  # a script run as __main__ takes it while starting
+    try:
+        with pytest.raises((Parsed, SystemExit)) as stopped:
+            runpy.run_path(os.path.join(HERE, script), run_name="__main__")
+    finally:
+        signal.signal(signal.SIGINT, ctrl_c)
     return stopped.value
 
 

@@ -20,7 +20,9 @@ network that did not learn the task says little.
 
 Run:   python vml_analysis.py                     # --seeds 3 of TBB, SBB L = 10 and L = 20
        python vml_analysis.py --memory ffm --seeds 1 --total-timesteps 600000
-Flags the analysis does not know go to every training run (model sizes, lr, ...).
+Flags the analysis does not know go to every training run (model sizes, lr, ...), but for
+those it sets itself (the seed, env, run name and folder). Runs of at most 100,000 steps (the
+scripts' --learning-starts) start to learn after a third of them.
 Finished runs under --output-dir/runs are reused, so a second call only analyses.
 """
 
@@ -46,6 +48,9 @@ import sbb_baseline_dqn as sbb
 # an observation still for a long time, which RepeatFirst needs, but learns this task's exact
 # 9-step delay slowly (benchmarks/RESULTS.md, value memory length).
 MEMORY_FLAGS = {"lru": ["--r-min", "0", "--r-max", "0.9999", "--max-phase", "6.28"]}
+# Training-script flags that this script sets for each run: given, they would win in every run.
+SET_FOR_EACH_RUN = ("--seed", "--env-id", "--env-kwargs", "--exp-name", "--save-model",
+                    "--segment-length")
 
 
 def parse_args(argv=None):
@@ -67,10 +72,31 @@ def parse_args(argv=None):
         help="share of cumulative sensitivity that defines the VML")
     add("--output-dir", default=".", help="folder for vml.csv, vml.png and the runs")
     args, script_flags = p.parse_known_args(argv)
-    # checked by the training scripts' own parsers; given flags come last, so they win
-    args.script_flags = MEMORY_FLAGS.get(args.memory, []) + script_flags
+    for flag in (f.split("=")[0] for f in script_flags):
+        if flag in SET_FOR_EACH_RUN:
+            tbb.fail(f"{flag} is set for each run by this script (see --seeds, --k, --num-decks, "
+                     "--segment-lengths)")
     if args.k >= 52 * args.num_decks:
         tbb.fail("--k must be smaller than the number of cards (52 per deck)")
+    args.env_kwargs = kwargs = {"num_decks": args.num_decks, "k": args.k}
+    episode_length = tbb.resolve_env("RepeatPreviousEasy", env_kwargs=kwargs)[1]
+    if args.final_steps > episode_length:
+        tbb.fail(f"--final-steps {args.final_steps} is more than the {episode_length} steps of an "
+                 f"episode (--num-decks {args.num_decks})")
+    script = importlib.import_module(sbb.MEMORIES[args.memory])
+    # the scripts' random warm-up (100,000 steps), or a third of a run not longer than that
+    warm_up = script.make_parser().get_default("learning_starts")
+    warm_up = warm_up if warm_up < args.total_timesteps else args.total_timesteps // 3
+    args.run_flags = ["--env-id", "RepeatPreviousEasy", "--env-kwargs", json.dumps(kwargs),
+                      "--gamma", str(args.gamma), "--total-timesteps", str(args.total_timesteps),
+                      "--learning-starts", str(warm_up)]
+    # given flags come last, so they win; checked now by the script's own parser, not after a run
+    args.script_flags = MEMORY_FLAGS.get(args.memory, []) + script_flags
+    batch_size = script.parse_args(args.run_flags + args.script_flags).batch_size
+    for L in args.segment_lengths:
+        if L > batch_size:
+            tbb.fail(f"--segment-lengths {L} is larger than --batch-size {batch_size}: an SBB "
+                     "batch holds at least one segment")
     return args
 
 
@@ -200,10 +226,7 @@ def plot(results, args, rml, path):
 
 
 def main(args):
-    kwargs = {"num_decks": args.num_decks, "k": args.k}
-    run_flags = ["--env-id", "RepeatPreviousEasy", "--env-kwargs", json.dumps(kwargs),
-                 "--gamma", str(args.gamma), "--total-timesteps", str(args.total_timesteps)]
-    make_env, cap = tbb.resolve_env("RepeatPreviousEasy", env_kwargs=kwargs)
+    make_env, cap = tbb.resolve_env("RepeatPreviousEasy", env_kwargs=args.env_kwargs)
     probe = make_env()
     obs_dim, num_actions = probe.observation_space.shape[0], int(probe.action_space.n)
     script = importlib.import_module(sbb.MEMORIES[args.memory])
@@ -214,7 +237,7 @@ def main(args):
     results = {b: [] for b in ["tbb"] + [f"sbb{L}" for L in args.segment_lengths]}
     for seed in range(1, args.seeds + 1):
         for batching, runs in results.items():
-            run_dir = trained_run(args, batching, seed, run_flags)
+            run_dir = trained_run(args, batching, seed, args.run_flags)
             params = script.load_params(template, os.path.join(run_dir, "params.npz"))
             episodes = greedy_episodes(script, params, make_env, args.episodes, 2_000_000 + seed)
             sens = mean_sensitivity(q_fn_of(script, params), episodes, args.final_steps)

@@ -266,15 +266,16 @@ def main(argv):
     if not argv or not set(argv[0].split("+")) <= set(ABLATIONS):
         fail(f"the first argument must be one or more of {', '.join(ABLATIONS)}, joined by +")
     ablation, flags = argv[0], argv[1:]
-    if "--segment-length" in flags:
+    # --memory and --segment-length pick the script: read as argparse reads them (--memory=lru)
+    picks = sbb.ffm_tbb_dqn.Parser(add_help=False)
+    picks.add_argument("--memory", choices=sbb.MEMORIES, default="ffm")
+    picks.add_argument("--segment-length")
+    picked, script_flags = picks.parse_known_args(flags)
+    if picked.segment_length is not None:
         args = sbb.parse_args(flags)
     else:  # TBB: --memory picks the script, which does not know the flag itself
-        i = flags.index("--memory") if "--memory" in flags else len(flags)
-        memory, flags = (flags[i + 1:i + 2] or ["ffm"])[0], flags[:i] + flags[i + 2:]
-        if memory not in sbb.MEMORIES:
-            fail(f"--memory must be one of {', '.join(sbb.MEMORIES)}, got {memory!r}")
-        args = sbb.load_script(memory).parse_args(flags)
-        args.memory, args.segment_length = memory, None
+        args = sbb.load_script(picked.memory).parse_args(script_flags)
+        args.memory, args.segment_length = picked.memory, None
     try:
         script = ablated_script(ablation, args.memory, args.segment_length)
     except ValueError as e:

@@ -45,7 +45,7 @@ def to_metrics(rows, episode_length, random_episode_length):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("log", help="a log of the paper's code with EVAL lines")
     p.add_argument("--episode-length", type=int, required=True,
                    help="T: steps per update in our recipe (the task's episode length)")

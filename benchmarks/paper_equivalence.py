@@ -154,16 +154,17 @@ def compare(args):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     sub = p.add_subparsers(dest="step", required=True)
     for name in ("paper", "init"):
-        s = sub.add_parser(name)
+        s = sub.add_parser(name, allow_abbrev=False)
         s.add_argument("--paper-src", required=True, help="a checkout of proroklab/memory-monoids")
         s.add_argument("--out", required=True)
         s.add_argument("--seed", type=int, default=0)
         if name == "init":
             s.add_argument("--config", required=True, help="one of its experiment yaml files")
-    sub.add_parser("compare").add_argument("file", help="the file written by step `paper`")
+    sub.add_parser("compare", allow_abbrev=False).add_argument(
+        "file", help="the file written by step `paper`")
     args = p.parse_args()
     {"paper": paper_side, "init": init_side, "compare": compare}[args.step](args)
 

@@ -26,6 +26,8 @@ sys.path.insert(0, ROOT)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from ffm_tbb_dqn import POSITIVE_INT, Parser, fail  # noqa: E402  (one-line errors)
+
 MODELS = {"ffm": "ffm_tbb_dqn", "lru": "lru_tbb_dqn", "linear_transformer": "linear_transformer_tbb_dqn"}
 # The paper code's recipe on RepeatFirstEasy: 5000 random episodes,
 # then one B=1000 update per 51-step episode. With 16 envs: 16 updates every 816 steps.
@@ -148,22 +150,26 @@ def first_reaching(rows, threshold):
     return None, None
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def main(argv=None):
+    p = Parser(description=__doc__.split("\n")[0],
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS),
                    help="memoroids to time")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1000, 4000, 16000],
+    p.add_argument("--batch-sizes", type=POSITIVE_INT, nargs="+", default=[1000, 4000, 16000],
                    help="tape sizes B of the update-time table")
-    p.add_argument("--repeats", type=int, default=10, help="timed repeats (median)")
+    p.add_argument("--repeats", type=POSITIVE_INT, default=10, help="timed repeats (median)")
     p.add_argument("--collect-steps", type=int, default=100_000,
-                   help="env steps of the collection-only run")
+                   help="env steps of the collection-only run (at least 64 x 51: every env, up "
+                        "to 64, ends a 51-step episode before the one train phase)")
     p.add_argument("--run-models", nargs="*", default=["ffm"], choices=list(MODELS),
                    help="models for the whole-run rows (default flags, paper recipe); "
                         "give the flag alone to skip them")
     p.add_argument("--networks-only", action="store_true",
                    help="only the update time of the default network against first_network")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    if args.collect_steps < 64 * 51:  # the runs' progress lines come every --collect-steps // 5
+        fail(f"--collect-steps must be at least {64 * 51:,d} (64 envs, 51-step episodes), got "
+             f"{args.collect_steps}")
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, {os.cpu_count()} CPU cores")
     if args.networks_only:
         return network_update_times(args.models, args.repeats)
