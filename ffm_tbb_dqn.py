@@ -299,8 +299,10 @@ def init_tape(capacity, obs_dim):
 
 
 @partial(jax.jit, donate_argnums=0)  # donated: the ring is updated in place, not copied
-def add_episode(tape, episode, length):
-    """Append one episode: a Transition of [T, ...] columns whose first `length` rows are real."""
+def add_episode(tape, episode, length, params=None):
+    """Append one episode: a Transition of [T, ...] columns whose first `length` rows are real.
+    `params`, the acting network's, are not read here (sbb_baseline_dqn.py --stored-state reads
+    them; unread, jit drops them)."""
     capacity = tape.episodes.shape[0]
 
     def evict_oldest(ring):
@@ -431,13 +433,14 @@ def check_sizes(args, cap):
 
 def check_memory(args, cap, obs_dim, params):
     """Refuse, before anything is allocated, sizes that cannot fit in memory (the device's; a
-    CPU's is the RAM). Bytes counted from below: a tape step holds 2 observations, 4 scalars
-    and 2 ring ints; a batch step also a prefix state (the size of an env's recurrent state)
-    per o_t and o_t+1 and network; an env its state in and out and its episode so far."""
-    step = 8 * obs_dim + 18
-    state = sum(x.size * x.dtype.itemsize for x in
-                jax.tree.leaves(jax.eval_shape(lambda p: initial_carry(p, 1), params)))
-    needs = {"--buffer-size": args.buffer_size * step,
+    CPU's is the RAM). Bytes counted from below: the tape's arrays, as init_tape shapes them
+    (so a swapped buffer counts as it is); a step holds 2 observations, 4 scalars and 2 ring
+    ints, a batch step also a prefix state (the size of an env's recurrent state) per o_t and
+    o_t+1 and network; an env its state in and out and its episode so far."""
+    size = lambda make, *shapes: sum(x.size * x.dtype.itemsize  # noqa: E731  (nothing is made)
+                                     for x in jax.tree.leaves(jax.eval_shape(make, *shapes)))
+    step, state = 8 * obs_dim + 18, size(lambda p: initial_carry(p, 1), params)
+    needs = {"--buffer-size": size(lambda: init_tape(args.buffer_size, obs_dim)),
              "--batch-size": args.batch_size * (step + 4 * state),
              "--num-envs": args.num_envs * (2 * state + cap * step),
              "--eval-episodes": args.eval_episodes * 2 * state}
@@ -541,7 +544,8 @@ def train(args, stop):
         ep_return += reward
         # Store: every finished episode goes onto the tape whole.
         for i in np.flatnonzero(done):
-            tape = add_episode(tape, Transition(*(c[i] for c in unfinished)), length[i])
+            tape = add_episode(tape, Transition(*(c[i] for c in unfinished)), length[i],
+                               state.params)
             returns.append(ep_return[i])
             length[i], ep_return[i] = 0, 0.0
             episodes += 1

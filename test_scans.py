@@ -501,14 +501,19 @@ def test_lt_normaliser_is_the_dot_product_of_query_features_and_z():
 
 
 # SBB runs the TBB networks on segments: each segment is a new episode of L steps.
+def observed(obs, next_obs):
+    """A batch of segments [S, L, ...] that holds only what q_segments reads."""
+    return (ffm.Transition(obs, None, None, next_obs, None, None),)
+
+
 @pytest.mark.parametrize("model", NETWORKS)
 def test_sbb_segment_q_equals_tbb_q_of_that_slice(model):
     module, params = NETWORKS[model][0], net_params(model)
     obs, next_obs, _ = random_tape_obs([12], seed=5)
     L = 4
-    q, q_next = jax.jit(sbb.q_segments, static_argnums=(0, 4))(
-        module.q_tape, params, obs.reshape(3, L, OBS_DIM), next_obs.reshape(3, L, OBS_DIM),
-        "sequential")
+    q, q_next = jax.jit(sbb.q_segments, static_argnums=(0, 3))(
+        module.q_tape, params, observed(obs.reshape(3, L, OBS_DIM),
+                                        next_obs.reshape(3, L, OBS_DIM)), "sequential")
     for k in range(3):  # segment k = steps 4k..4k+3 run as their own episode
         steps = slice(k * L, (k + 1) * L)
         expect = step_loop(module, params, obs[steps], episode_starts([L]))
@@ -525,8 +530,8 @@ def test_no_information_crosses_a_segment(model, scan):
     obs, next_obs, _ = random_tape_obs([15], seed=2)  # one episode: 3 consecutive segments
 
     def q_fn(o, n):
-        q = sbb.q_segments(NETWORKS[model][0].q_tape, params, o.reshape(3, L, -1),
-                           n.reshape(3, L, -1), scan)
+        q = sbb.q_segments(NETWORKS[model][0].q_tape, params,
+                           observed(o.reshape(3, L, -1), n.reshape(3, L, -1)), scan)
         return jax.tree.map(lambda x: x.reshape(3 * L, -1), q)
 
     assert_no_leak(q_fn, obs, next_obs, np.arange(15) % L == 0, steps=(5, 8, 12))
@@ -750,7 +755,7 @@ def segment_batch(lengths, L, seed=0):
 
 @lru_cache(maxsize=None)
 def masked_loss_grad_jit(model):  # one compile per model
-    loss = partial(sbb.masked_td_loss, NETWORKS[model][0].q_tape)
+    loss = partial(sbb.masked_td_loss, partial(sbb.q_segments, NETWORKS[model][0].q_tape))
     return jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=(3, 4))
 
 
@@ -795,6 +800,259 @@ def test_masked_loss_equals_tbb_loss_on_the_unpadded_steps():
     np.testing.assert_allclose(float(loss), float(expect_loss), rtol=1e-5)
     np.testing.assert_allclose(float(metrics["q_values"]), float(expect["q_values"]), rtol=1e-5,
                                atol=1e-6)
+
+
+# =============================================================================================
+# SBB with R2D2's stored states and burn-in (--stored-state, --burn-in): the buffer against the
+# rule in words, the Q against the whole episode's, the loss and its gradient against a batch
+# that starts from the refreshed state
+# =============================================================================================
+def stored_script(model, L, N, *flags):
+    args = sbb.parse_args(["--memory", model, *NETWORKS[model][1], "--segment-length", str(L),
+                           "--stored-state", "--burn-in", str(N), *flags])
+    return sbb.segment_script(model, L, args)
+
+
+def stored_split(length, L, N):
+    """Plain Python, from the rule in words: per segment k, the episode step in each of its
+    N + L slots (None: padding) and whether it is trained on. The burn-in is the up to N steps
+    before kL in the episode, then come the trained steps kL .. kL+L-1 that exist."""
+    segments = []
+    for k in range(-(-length // L)):
+        burn_in = list(range(k * L - N, k * L))
+        trained = [t for t in range(k * L, k * L + L) if t < length]
+        slots = [(t, False) for t in burn_in if t >= 0] + [(t, True) for t in trained]
+        segments.append(slots + [(None, False)] * (N + L - len(slots)))
+    return segments
+
+
+def tagged_episodes(transition, lengths, cap, seed=0):
+    """Episodes padded to `cap` with junk (as stale rows are); obs[:, 0] = episode + step / 64."""
+    rng = np.random.default_rng(seed)
+    episodes = []
+    for ep_id, n in enumerate(lengths):
+        obs = rng.normal(size=(cap + 1, OBS_DIM)).astype(np.float32)
+        obs[:, 0] = ep_id + np.arange(cap + 1) / 64
+        real, t = np.arange(cap) < n, np.arange(cap)
+        junk = lambda x: np.where(real.reshape((cap,) + (1,) * (x.ndim - 1)), x, 9).astype(x.dtype)  # noqa: E731
+        episodes.append(transition(
+            junk(obs[:cap]), junk(rng.integers(0, NUM_ACTIONS, cap).astype(np.int32)),
+            junk(rng.normal(size=cap).astype(np.float32)), junk(obs[1:]),
+            real & (t == n - 1) & (ep_id % 2 == 0), real & (t == n - 1) & (ep_id % 2 == 1)))
+    return episodes
+
+
+STORED_LENGTHS, STORED_L, STORED_N = (11, 2, 7), 3, 5  # burn-ins of 0, 3 and 5 steps
+
+
+@lru_cache(maxsize=None)
+def stored_ring(model, cap=11):
+    """A ring filled with the segments of STORED_LENGTHS-step episodes, stored under
+    net_params(model): -> (ring, episodes, per slot (episode id, stored_split's segment))."""
+    L, N = STORED_L, STORED_N
+    script = stored_script(model, L, N)  # a private copy: its own Transition
+    episodes = tagged_episodes(script.Transition, STORED_LENGTHS, cap)
+    ring = script.init_tape(L * sum(-(-n // L) for n in STORED_LENGTHS), OBS_DIM)
+    for episode, n in zip(episodes, STORED_LENGTHS):
+        ring = script.add_episode(ring, episode, np.int32(n), net_params(model))
+    return ring, episodes, [(ep_id, segment) for ep_id, n in enumerate(STORED_LENGTHS)
+                            for segment in stored_split(n, L, N)]
+
+
+@pytest.mark.parametrize("model", NETWORKS)
+def test_stored_state_segments_see_their_whole_episode(model):
+    """Parameters unchanged since storing: every slot's Q(o_..t) and Q(o_..t, o_t+1) is the
+    whole episode's, scanned from its start; each slot holds its step of its own episode (a
+    burn-in never reaches into the previous one), the mask its trained steps, and the state
+    stored before an episode's first step is the identity."""
+    module, params = NETWORKS[model][0], net_params(model)
+    ring, episodes, slots = stored_ring(model)
+    obs, mask = np.asarray(ring.steps.obs), np.asarray(ring.mask)
+    q, q_next = map(np.asarray, jax.jit(partial(sbb.q_stored, module.q_step))(
+        params, (ring.steps, ring.mask, ring.state)))
+    identity = [np.asarray(x)[0] for x in jax.tree.leaves(module.initial_carry(params, 1))]
+    # the whole episodes, each scanned from its start: one tape of them, reset at every start
+    obs_tape, next_obs_tape = (np.concatenate([x[:n] for x, n in zip(column, STORED_LENGTHS)])
+                               for column in zip(*[(e.obs, e.next_obs) for e in episodes]))
+    whole = [np.asarray(x) for x in q_tape_jit(model)(
+        params, obs_tape, next_obs_tape, episode_starts(STORED_LENGTHS), scan="sequential")]
+    offset = np.cumsum((0,) + STORED_LENGTHS)
+    for s, (ep_id, segment) in enumerate(slots):
+        steps = [t for t, _ in segment if t is not None]
+        np.testing.assert_array_equal(mask[s], [trained for _, trained in segment])
+        np.testing.assert_array_equal(obs[s, :len(steps)], episodes[ep_id].obs[steps])
+        assert np.all(obs[s, :len(steps), 0] // 1 == ep_id)  # never the previous episode's
+        assert not obs[s, len(steps):].any()  # then padding
+        q_ref, q_next_ref = (x[offset[ep_id]:offset[ep_id + 1]] for x in whole)
+        np.testing.assert_allclose(q[s, :len(steps)], q_ref[steps], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(q_next[s, :len(steps)], q_next_ref[steps], rtol=1e-5,
+                                   atol=1e-5)
+        if steps[0] == 0:  # the state before an episode's first step
+            for leaf, e in zip(jax.tree.leaves(ring.state), identity):
+                np.testing.assert_array_equal(np.asarray(leaf)[s], e)
+
+
+def refresh_and_train_loop(params, target, steps, state, trained, gamma=0.9):
+    """Plain Python over the step path: each network refreshes the stored state over the burn-in
+    (the slots before the first `trained` one) with its own parameters, then runs the rest.
+    -> (the mean Huber TD error over `trained` slots, the refreshed states of `params`)."""
+    first = trained.argmax(1)
+    steps = jax.tree.map(np.asarray, steps)
+    errors, refreshed = [], []
+    for s in range(len(first)):
+        q = {}
+        for name, p in (("online", params), ("target", target)):
+            carry = jax.tree.map(lambda x: x[s:s + 1], state)  # noqa: B023
+            for i in range(first[s]):
+                _, carry = q_step_jit(ffm)(p, carry, steps.obs[s, i:i + 1], jnp.zeros(1, bool))
+            if name == "online":
+                refreshed.append(carry)
+            q[name] = []
+            for i in range(first[s], steps.obs.shape[1]):
+                q_t, carry = q_step_jit(ffm)(p, carry, steps.obs[s, i:i + 1], jnp.zeros(1, bool))
+                q_next, _ = q_step_jit(ffm)(p, carry, steps.next_obs[s, i:i + 1], jnp.zeros(1, bool))
+                q[name].append((np.asarray(q_t[0]), np.asarray(q_next[0])))
+        for j, ((q_t, q_next), (_, q_next_target)) in enumerate(zip(q["online"], q["target"])):
+            i = first[s] + j
+            if trained[s, i]:
+                y = steps.reward[s, i] + gamma * (1 - steps.terminated[s, i]) * q_next_target[
+                    np.argmax(q_next)]
+                errors.append(abs(q_t[steps.action[s, i]] - y))
+    errors = np.array(errors)
+    huber = np.where(errors < 1.0, 0.5 * errors ** 2, errors - 0.5)
+    return huber.mean(), jax.tree.map(lambda *x: jnp.concatenate(x), *refreshed)
+
+
+def test_burn_in_steps_carry_no_loss_and_no_gradient():
+    """Stored under other parameters (stale states), with burn-ins of 0, 3 and 5 steps: the loss
+    is a plain step loop's in which each network refreshes the state over the burn-in with its
+    own parameters and the TD error counts on trained steps only; the gradient is that of the
+    trained steps alone, started from the refreshed state; the burn-in's own fields change
+    nothing, its observations no gradient, and yet the loss (so the refresh happens). The
+    density is trained steps over slots."""
+    params, target = net_params("ffm", 7), net_params("ffm", 3)  # stored under net_params("ffm")
+    ring, _, slots = stored_ring("ffm")
+    segment_q = partial(sbb.q_stored, ffm.q_step)
+
+    @jax.jit
+    def loss_and_grads(params, target, obs, steps, mask, state):
+        loss = lambda p, o: sbb.masked_td_loss(  # noqa: E731
+            segment_q, p, target, (steps._replace(obs=o), mask, state), 0.9, "sequential")
+        return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, obs)
+
+    steps, mask, state = ring.steps, ring.mask, ring.state
+    (loss, metrics), (grads, g_obs) = loss_and_grads(params, target, steps.obs, steps, mask, state)
+    trained = np.array([[trained for _, trained in segment] for _, segment in slots])
+    burn = np.array([[t is not None and not trained for t, trained in seg] for _, seg in slots])
+    first = burn.sum(1)  # the first trained slot of each segment
+    assert list(first) == [0, 3, 5, 5, 0, 0, 3, 5]  # 11 steps in 4 segments, 2 in 1, 7 in 3
+    np.testing.assert_allclose(float(metrics["density"]), trained.sum() / trained.size)
+    expect_loss, refreshed = refresh_and_train_loop(params, target, steps, state, trained)
+    np.testing.assert_allclose(float(loss), expect_loss, rtol=1e-5)
+    g_obs = np.asarray(g_obs)
+    assert not g_obs[burn].any() and np.abs(g_obs[np.asarray(mask)]).sum(-1).all()
+    # The burn-in's actions, rewards, next observations and ends change nothing ...
+    flip = lambda x, new: jnp.where(burn.reshape(burn.shape + (1,) * (x.ndim - 2)), new, x)  # noqa: E731
+    rng = np.random.default_rng(0)
+    other = steps._replace(action=flip(steps.action, NUM_ACTIONS - 1 - steps.action),
+                           reward=flip(steps.reward, 1e3), terminated=flip(steps.terminated, True),
+                           truncated=flip(steps.truncated, True),
+                           next_obs=flip(steps.next_obs, rng.normal(size=steps.next_obs.shape)
+                                         .astype(np.float32) * 10))
+    (loss2, metrics2), (grads2, _) = loss_and_grads(params, target, other.obs, other, mask, state)
+    np.testing.assert_allclose(float(loss2), float(loss), rtol=1e-6)
+    assert_tree_close(metrics2, metrics, rtol=1e-6, atol=1e-7)
+    assert_tree_close(grads2, grads, rtol=1e-6, atol=1e-7)
+    # ... its observations change the loss, through the refreshed state only
+    noisy = flip(steps.obs, steps.obs + rng.normal(size=steps.obs.shape).astype(np.float32))
+    (loss3, _), _ = loss_and_grads(params, target, noisy, steps, mask, state)
+    assert abs(float(loss3) - float(loss)) > 1e-6
+    # The gradient: the trained slots alone (moved to the front, no burn-in), started from the
+    # refreshed state as a constant. With target = online one refreshed state serves both.
+    slot = np.arange(mask.shape[1])
+    take = np.minimum(slot + first[:, None], slot[-1])
+    shift = lambda x: jnp.asarray(np.where(  # noqa: E731
+        (slot < mask.shape[1] - first[:, None]).reshape(take.shape + (1,) * (x.ndim - 2)),
+        np.take_along_axis(np.asarray(x), take.reshape(take.shape + (1,) * (x.ndim - 2)), 1), 0))
+    trained_steps = jax.tree.map(shift, steps)
+    (loss4, _), (grads4, _) = loss_and_grads(params, params, steps.obs, steps, mask, state)
+    (loss_ref, _), (grads_ref, _) = loss_and_grads(params, params, trained_steps.obs,
+                                                   trained_steps, shift(mask), refreshed)
+    np.testing.assert_allclose(float(loss4), float(loss_ref), rtol=1e-5)
+    assert_tree_close(grads4, grads_ref, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("B,L,N", [(1000, 10, 10), (100, 7, 0)])
+def test_a_stored_state_batch_holds_b_over_l_plus_n_segments(B, L, N):
+    script = stored_script("ffm", L, N, "--batch-size", str(B))
+    ring = script.init_tape(1000, OBS_DIM)
+    steps, mask, state = script.sample_tape(ring._replace(size=jnp.int32(1000 // L)),
+                                            jax.random.PRNGKey(0), B)
+    assert mask.shape == steps.obs.shape[:2] == (B // (L + N), L + N)
+    assert mask.size == (B // (L + N)) * (L + N) <= B
+    assert {x.shape[0] for x in jax.tree.leaves(state)} == {B // (L + N)}
+
+
+def test_stored_states_count_in_the_memory_check(tmp_path, capsys):
+    """A ring that fits as zero-state SBB is refused once each segment keeps its state (FFM's
+    default 4 KiB), and more so with a burn-in: the check counts what init_tape makes."""
+    class Accepted(Exception):
+        pass
+
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit", ram)
+    # ~0.3 of the limit without states (10 steps of ~59 bytes a segment), ~2.3 with them
+    flags = ["--buffer-size", str(10 * (limit // 2000)), "--output-dir", str(tmp_path)]
+    for extra, fits in (([], True), (["--stored-state"], False),
+                        (["--stored-state", "--burn-in", "10"], False)):
+        args = sbb.parse_args([*flags, *extra])
+        script = sbb.segment_script("ffm", 10, args)
+        check = script.check_memory
+
+        def check_memory(*shapes):  # its own check, then stop: nothing more is needed
+            check(*shapes)
+            raise Accepted
+
+        script.check_memory = check_memory
+        with pytest.raises(Accepted if fits else SystemExit):
+            sbb.train(args, script)
+        assert fits or "--buffer-size" in capsys.readouterr().err
+
+
+STORED_BAD_FLAGS = [
+    (["--burn-in", "5"], "--burn-in 5 needs --stored-state"),
+    (["--burn-in", "-1"], "--burn-in: must be >= 0"),
+    (["--stored-state", "--burn-in", "995"],
+     "--segment-length must be in [1, --batch-size 1000 - --burn-in 995], got 10"),
+]
+
+
+@pytest.mark.parametrize("flags,message", STORED_BAD_FLAGS, ids=[m for _, m in STORED_BAD_FLAGS])
+def test_stored_state_bad_flags_are_one_line(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        sbb.parse_args(flags)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1 and message in lines[0], lines
+
+
+def test_stored_state_is_not_an_ablation(capsys):
+    """ablations.py swaps SBB's loss for the zero-state one: it refuses the flags in one line."""
+    with pytest.raises(SystemExit) as exit_info:
+        load_ablations().main(["sbb_loss", "--segment-length", "10", "--stored-state"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1 and "--stored-state" in lines[0]
+
+
+def test_stored_state_and_burn_in_smoke_run(tmp_path):
+    """A tiny FFM run with both flags, a few updates: finite metrics, density below 1."""
+    sbb.train(sbb.parse_args([*TINY, *TINY_MODEL["ffm"], *SHORT, "--segment-length", "10",
+                              "--stored-state", "--burn-in", "5", "--output-dir",
+                              str(tmp_path)]))
+    (run_dir,) = [tmp_path / d for d in os.listdir(tmp_path)]
+    assert "sbb_ffm_L10_stored_burnin5" in run_dir.name
+    (row,) = read_metrics(run_dir)
+    assert all(np.isfinite(float(row[k])) for k in ("td_loss", "eval_return", "q_values"))
+    assert 0.0 < float(row["density"]) < 1.0 and int(row["updates"]) > 0
 
 
 # =============================================================================================
@@ -2010,7 +2268,8 @@ def test_ablations_change_one_function_and_leave_the_scripts_untouched(monkeypat
     steps, mask = segment_batch([7, 3, 10], L=4)
     # errors on both sides of the knee (Q starts near 0, so the errors are about the rewards)
     steps = steps._replace(reward=jnp.where(mask, 1.5 * steps.reward, 0.0))
-    losses = [jax.jit(partial(loss, ffm.q_tape), static_argnums=(3, 4))(
+    segment_q = partial(sbb.q_segments, ffm.q_tape)
+    losses = [jax.jit(partial(loss, segment_q), static_argnums=(3, 4))(
         params, target, (steps, mask), 0.9, "sequential")[0]
         for loss in (sbb.masked_td_loss, abl.paper_sbb_loss)]
     ours, paper = losses
@@ -2019,7 +2278,7 @@ def test_ablations_change_one_function_and_leave_the_scripts_untouched(monkeypat
     for names in ("sbb_loss+rescan_target", "rescan_target+sbb_loss"):
         combined = abl.ablated_script(names, "ffm", 4)
         assert combined.td_loss.func is abl.paper_sbb_loss
-        assert combined.td_loss.args == (combined.q_tape,)
+        assert combined.td_loss.args[0].args == (combined.q_tape,)
         assert combined.q_tape.__name__ == "q_tape_rescan"
     # Rescanned target: equal Q(o_t), but Q(o_t+1) differs (its memory misses o_0)
     obs, next_obs, start = random_tape_obs([5, 4], seed=6)

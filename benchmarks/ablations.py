@@ -51,10 +51,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import sbb_baseline_dqn as sbb  # noqa: E402
 
 
-def paper_sbb_loss(q_tape, params, target_params, batch, gamma, scan):
+def paper_sbb_loss(segment_q, params, target_params, batch, gamma, scan):
     """huber(mean |TD error| over real steps): the paper code's segment loss."""
-    q_taken, target, mask = sbb.taken_q_and_targets(q_tape, params, target_params, batch, gamma,
-                                                    scan)
+    q_taken, target, mask = sbb.taken_q_and_targets(segment_q, params, target_params, batch,
+                                                    gamma, scan)
     real = jnp.maximum(mask.sum(), 1)
     mean_abs_error = jnp.where(mask, jnp.abs(q_taken - target), 0.0).sum() / real
     return optax.huber_loss(mean_abs_error), {
@@ -250,7 +250,7 @@ def ablated_script(ablations, memory, segment_length=None):
             raise ValueError(f"unknown ablation {ablation!r}; known: {', '.join(ABLATIONS)}")
     if not tbb:  # SBB's loss holds its q_tape: give it the final one (rescanned or not)
         loss = paper_sbb_loss if "sbb_loss" in ablations.split("+") else sbb.masked_td_loss
-        script.td_loss = partial(loss, script.q_tape)
+        script.td_loss = partial(loss, partial(sbb.q_segments, script.q_tape))
     return script
 
 
@@ -273,6 +273,8 @@ def main(argv):
     picked, script_flags = picks.parse_known_args(flags)
     if picked.segment_length is not None:
         args = sbb.parse_args(flags)
+        if args.stored_state:  # its own loss and buffer, which the ablations do not know
+            fail("--stored-state and --burn-in are not for ablations: run sbb_baseline_dqn.py")
     else:  # TBB: --memory picks the script, which does not know the flag itself
         args = sbb.load_script(picked.memory).parse_args(script_flags)
         args.memory, args.segment_length = picked.memory, None
