@@ -44,8 +44,13 @@ def to_metrics(rows, episode_length, random_episode_length):
              "elapsed_s": r["elapsed_s"]} for r in rows]
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, without argparse's usage block
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    p = Parser(description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("log", help="a log of the paper's code with EVAL lines")
     p.add_argument("--episode-length", type=int, required=True,
                    help="T: steps per update in our recipe (the task's episode length)")

@@ -153,8 +153,13 @@ def compare(args):
           f"largest entry {worst:.1e}")
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, without argparse's usage block
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    p = Parser(description=__doc__.split("\n")[0], allow_abbrev=False)
     sub = p.add_subparsers(dest="step", required=True)
     for name in ("paper", "init"):
         s = sub.add_parser(name, allow_abbrev=False)
