@@ -1944,6 +1944,9 @@ def test_reproduce_variants_swap_one_thing(tmp_path, capsys):
     assert strip_run_flags(lr[2:], "lru", "tbb") == strip_run_flags(
         cmds["tbb"][2:], "lru", "tbb") + ["--learning-rate", "3e-5"]
     assert lru.parse_args(lr[2:]).learning_rate == 3e-5
+    r2d2 = sbb.parse_args(rep.command("CountRecallEasy", "lru", "sbb50+stored_state+burn-in=50",
+                                      1, args)[1][2:])
+    assert (r2d2.stored_state, r2d2.burn_in, r2d2.segment_length) == (True, 50, 50)
     for bad in ("tbb+fast", "sbb10+first_network+fast", "tbb+paper_network", "tbb+=3"):
         with pytest.raises(SystemExit) as e:
             rep.parse_args(["--batchings", bad])

@@ -57,8 +57,9 @@ TASK_FLAGS = {"RepeatPreviousEasy": ["--gamma", "0.5", "--end-e", "0.1"]}
 # first_lru_init, our first (r in [0.9, 0.999], phases up to pi/10); paper_lru_init, the paper
 # code's (r in [0, 1), phases up to 2 pi; the default of issue 25), r_max just below 1; the two
 # crossed (small_phase_: all radii, small phases; slow_radius_: slow radii, all phases); and
-# split_lru_init, half of each block's states on each of the first two rings.
-FLAG_VARIANTS = {"one_env": ["--num-envs", "1"],
+# split_lru_init, half of each block's states on each of the first two rings. stored_state:
+# R2D2's SBB, each segment from its stored state (with burn-in=N, after an N-step burn-in).
+FLAG_VARIANTS = {"one_env": ["--num-envs", "1"], "stored_state": ["--stored-state"],
                  "first_lru_init": ["--r-min", "0.9", "--r-max", "0.999", "--max-phase", "0.314159"],
                  "paper_lru_init": ["--r-min", "0", "--r-max", "0.9999", "--max-phase", "6.28"],
                  "small_phase_lru_init": ["--r-min", "0", "--r-max", "0.9999",
@@ -76,7 +77,9 @@ COLOURS = {"tbb": "tab:blue", "sbb10": "tab:orange", "sbb20": "tab:olive", "sbb5
            "tbb+paper_network": "tab:cyan", "sbb50+paper_network": "tab:pink",
            "tbb+one_env": "tab:brown", "tbb+paper_network+one_env": "tab:green",
            "tbb+small_head_init": "tab:olive", "sbb50+sbb_loss": "navy",
-           "tbb+paper_lru_init": "darkgreen",
+           "tbb+paper_lru_init": "darkgreen", "sbb10+stored_state": "tab:green",
+           "sbb10+stored_state+burn-in=10": "tab:cyan", "sbb50+stored_state": "tab:brown",
+           "sbb50+stored_state+burn-in=50": "tab:pink",
            "sbb50+paper_network+paper_lt_block+lt_normaliser+rescan_target": "gold",
            "sbb50+paper_network+paper_lt_block+lt_normaliser+sbb_loss+rescan_target": "magenta"}
 
