@@ -9,7 +9,7 @@ Transformers with Linear Attention" (Katharopoulos et al., ICML 2020), to be rea
   (3) the tape: whole episodes on one ring buffer             paper Sec. 4.2 (Tape-Based Batching)
   (4) the double-DQN loss                                     paper Sec. 5
   (5) the jitted train phase, and the loop that collects, stores and trains
-  then the plumbing: command line, environments, outputs.
+  then, below one marker, the plumbing: checks, command line, environments, outputs.
 
 Run:   python linear_transformer_tbb_dqn.py                   # learns RepeatFirstEasy
        python linear_transformer_tbb_dqn.py --env-id CountRecallEasy --total-timesteps 1000000
@@ -28,11 +28,13 @@ import signal
 import sys
 import threading
 import time
-from functools import partial, wraps
+from contextlib import contextmanager
+from functools import partial
+from types import SimpleNamespace
 from typing import NamedTuple
 
 
-def interrupted(signum, frame):
+def exit_at_once(signum, frame):
     """Ctrl-C before train() takes the signals (while jax loads, a second or two): stop at once,
     in one line (a KeyboardInterrupt there is a traceback, or is lost in a callback of jax's and
     the run goes on). Nothing is written yet; train() hands a second Ctrl-C back to this."""
@@ -41,7 +43,7 @@ def interrupted(signum, frame):
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGINT, interrupted)
+    signal.signal(signal.SIGINT, exit_at_once)
 
 import jax  # noqa: E402  (after the handler above)
 import jax.numpy as jnp  # noqa: E402
@@ -106,12 +108,12 @@ def resettable_scan(elements, start, scan="associative"):
     """
     if scan == "associative":
         return jax.lax.associative_scan(reset_op, (elements, start))[0]
-    def step(carry, x):
+    def scan_step(carry, x):
         carry = reset_op(carry, x)
         return carry, carry[0]
 
     identity = identity_like(jax.tree.map(lambda x: x[0], elements))
-    return jax.lax.scan(step, (identity, jnp.zeros((), bool)), (elements, start))[1]
+    return jax.lax.scan(scan_step, (identity, jnp.zeros((), bool)), (elements, start))[1]
 
 
 # =============================================================================================
@@ -119,9 +121,6 @@ def resettable_scan(elements, start, scan="associative"):
 #     observation -> block -> memory -> block -> block -> dueling head,
 # with block = Linear -> LayerNorm -> leaky ReLU: the paper code's network (its modules.py).
 # The embedding and the head are the same for every memory; the memory's maps follow them.
-# Our first network (one LayerNorm with a learned scale and bias, a head of one Linear-leaky-
-# ReLU layer with the default start) learned far less per update: CountRecallEasy -0.44
-# against +0.93..+0.98 with this one (README section 5; benchmarks/ablations.py first_network).
 def init_linear(key, n_in, n_out, scale=1.0, bias="zero"):
     """Weight uniform in +-scale/sqrt(n_in); bias zero, or uniform in +-1/sqrt(n_in)."""
     kw, kb = jax.random.split(key)
@@ -310,8 +309,8 @@ def zero_transitions(shape, obs_dim, zeros=jnp.zeros):
 class Tape(NamedTuple):
     steps: Transition  # columns [N, ...], a ring
     episode_length: jax.Array  # [N] int32: length of the step's episode
-    episodes: jax.Array  # [N] int32: a ring of the stored episodes' first steps, oldest first
-    oldest: jax.Array  # [] int32: where in `episodes` the oldest stored episode is
+    first_step: jax.Array  # [N] int32: a ring of the stored episodes' first steps, oldest first
+    oldest: jax.Array  # [] int32: where in `first_step` the oldest stored episode is
     count: jax.Array  # [] int32: number of stored episodes (each has >= 1 step, so <= N)
     size: jax.Array  # [] int32: number of stored steps
 
@@ -327,34 +326,34 @@ def add_episode(tape, episode, length, params=None):
     """Append one episode: a Transition of [T, ...] columns whose first `length` rows are real.
     `params`, the acting network's, are not read here (sbb_baseline_dqn.py --stored-state reads
     them; unread, jit drops them)."""
-    capacity = tape.episodes.shape[0]
+    capacity = tape.first_step.shape[0]
 
     def evict_oldest(ring):
         oldest, count, size = ring
-        return (oldest + 1) % capacity, count - 1, size - tape.episode_length[tape.episodes[oldest]]
+        evicted = tape.episode_length[tape.first_step[oldest]]
+        return (oldest + 1) % capacity, count - 1, size - evicted
 
     oldest, count, size = jax.lax.while_loop(lambda ring: ring[2] + length > capacity,
                                              evict_oldest, (tape.oldest, tape.count, tape.size))
-    write = (tape.episodes[oldest] + size) % capacity  # after the newest (anywhere if empty)
+    write = (tape.first_step[oldest] + size) % capacity  # after the newest (anywhere if empty)
     t = jnp.arange(episode.obs.shape[0])
     idx = jnp.where(t < length, (write + t) % capacity, capacity)  # padding rows: dropped
     put = lambda column, new: column.at[idx].set(new.astype(column.dtype), mode="drop")  # noqa: E731
-    episodes = tape.episodes.at[(oldest + count) % capacity].set(write)
+    first_step = tape.first_step.at[(oldest + count) % capacity].set(write)
     return Tape(jax.tree.map(put, tape.steps, episode), put(tape.episode_length, length),
-                episodes, oldest, count + 1, size + length)
+                first_step, oldest, count + 1, size + length)
 
 
 def sample_tape(tape, key, batch_size):
     """A training tape: whole episodes concatenated into exactly `batch_size` steps; only the
     last one may be cut. Episodes are drawn uniformly, with replacement (as in the paper), and
     each is taken whole, so every stored step is equally likely to be trained on, as in uniform
-    replay (the cut at the end takes a little from late steps of long episodes). Drawing
-    episodes in proportion to their length instead would weight each step by its episode's
-    length. -> (steps [B, ...], episode-start flags [B])."""
-    capacity = tape.episodes.shape[0]
+    replay (not so if episodes were drawn by length; the cut at the end takes a little from
+    late steps of long episodes). -> (steps [B, ...], episode-start flags [B])."""
+    capacity = tape.first_step.shape[0]
     # B draws always suffice: each episode gives at least one step.
     drawn = (tape.oldest + jax.random.randint(key, (batch_size,), 0, tape.count)) % capacity
-    begin = tape.episodes[drawn]
+    begin = tape.first_step[drawn]
     length = tape.episode_length[begin]
     ends = jnp.cumsum(length)
     slot = jnp.arange(batch_size)
@@ -407,20 +406,20 @@ def make_optimizer(args):
 
 
 def make_train_phase(optimizer, args, scan):
-    def update(state, tape, key):
+    def update(train_state, tape, key):
         batch = sample_tape(tape, key, args.batch_size)
         (loss, metrics), grads = jax.value_and_grad(td_loss, has_aux=True)(
-            state.params, state.target_params, batch, args.gamma, scan)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        target = optax.incremental_update(params, state.target_params, args.tau)
+            train_state.params, train_state.target_params, batch, args.gamma, scan)
+        updates, opt_state = optimizer.update(grads, train_state.opt_state, train_state.params)
+        params = optax.apply_updates(train_state.params, updates)
+        target = optax.incremental_update(params, train_state.target_params, args.tau)
         return TrainState(params, target, opt_state), {"td_loss": loss, **metrics}
 
     @partial(jax.jit, donate_argnums=0)
-    def train_phase(state, tape, key):
+    def train_phase(train_state, tape, key):
         keys = jax.random.split(key, args.updates_per_train)
-        state, metrics = jax.lax.scan(lambda s, k: update(s, tape, k), state, keys)
-        return state, jax.tree.map(jnp.mean, metrics)
+        train_state, metrics = jax.lax.scan(lambda s, k: update(s, tape, k), train_state, keys)
+        return train_state, jax.tree.map(jnp.mean, metrics)
 
     return train_phase
 
@@ -446,9 +445,155 @@ def epsilon_at(step, args):
     return max(args.end_e, args.start_e + (args.end_e - args.start_e) * progress)
 
 
+def train(args):
+    """The algorithm box: act in all envs with the recurrent policy, put every finished
+    episode on the tape whole, every --train-frequency steps run one train phase, and evaluate
+    the greedy policy every --eval-every steps. Setup (checks, params, envs, run folder) and
+    teardown (saving, the plot) are plumbing, below the marker."""
+    with stops_cleanly() as stop:  # Ctrl-C or SIGTERM fills `stop`: the run ends after a step
+        key, init_key, act_key = jax.random.split(jax.random.PRNGKey(args.seed), 3)
+        run = set_up(args, init_key)  # params: init_params(init_key, ...), or --load-model's
+        optimizer = make_optimizer(args)
+        target = jax.jit(partial(jax.tree.map, jnp.copy))(run.params)  # own buffers: donated
+        train_state = TrainState(run.params, target, jax.jit(optimizer.init)(run.params))
+        train_phase = make_train_phase(optimizer, args, run.scan)
+        tape = init_tape(args.buffer_size, run.obs_dim)
+        # Each env's episode so far, on the host, in rows padded to the cap (one compile of
+        # add_episode), until it ends and goes onto the tape whole.
+        unfinished = zero_transitions((args.num_envs, run.cap), run.obs_dim, np.zeros)
+        env_index, length = np.arange(args.num_envs), np.zeros(args.num_envs, np.int32)
+
+        obs, _ = run.envs.reset(seed=args.seed)
+        carry, start = initial_carry(run.params, args.num_envs), np.ones(args.num_envs, bool)
+        ep_return, returns, metrics = np.zeros(args.num_envs), [], []
+        step = episodes = phases = 0
+        eval_return, interrupted = float("nan"), False
+        while step < args.total_timesteps and not interrupted:
+            # Collect: one step in every env.
+            epsilon = epsilon_at(step, args)
+            actions, carry = act(train_state.params, carry, obs, start, epsilon, act_key, step)
+            actions = np.asarray(actions)
+            next_obs, reward, terminated, truncated, info = run.envs.step(actions)
+            done = terminated | truncated
+            true_next_obs = next_obs.copy()  # SAME_STEP autoreset: a finished env's is in info
+            if done.any():
+                true_next_obs[done] = np.stack(info["final_obs"][done])
+            transition = (obs, actions, reward, true_next_obs, terminated, truncated)
+            for column, value in zip(unfinished, transition):
+                column[env_index, length] = value
+            length += 1
+            ep_return += reward
+            # Store: every finished episode goes onto the tape whole.
+            for i in np.flatnonzero(done):
+                tape = add_episode(tape, Transition(*(c[i] for c in unfinished)), length[i],
+                                   train_state.params)
+                returns.append(ep_return[i])
+                length[i], ep_return[i] = 0, 0.0
+                episodes += 1
+            obs, start = next_obs, done
+            step += args.num_envs
+            # Train: one phase for every --train-frequency steps from --learning-starts on
+            # (once a stored episode can be sampled; phases missed until then run at once).
+            while episodes and phases <= (step - args.learning_starts) // args.train_frequency:
+                key, phase_key = jax.random.split(key)
+                train_state, phase_metrics = train_phase(train_state, tape, phase_key)
+                metrics.append(phase_metrics)
+                phases += 1
+            # Evaluate and log where these steps passed a multiple of --eval-every/--log-every.
+            interrupted = bool(stop)  # read once a step, so that the step that stops also logs
+            last_step = step >= args.total_timesteps or interrupted
+            if step % args.eval_every < args.num_envs or last_step:
+                eval_return = evaluate(train_state.params, run.eval_envs, args.eval_episodes)
+            if step % args.log_every < args.num_envs or last_step:
+                # Metrics stay on the device until here: one sync per log line, not per phase.
+                means = {name: float(np.mean([m[name] for m in metrics])) if metrics
+                         else float("nan") for name in ("td_loss", "q_values", "density")}
+                if metrics and not np.isfinite(means["td_loss"]):
+                    fail(f"the TD loss became non-finite by step {step}; try a lower "
+                         "--learning-rate or --max-grad-norm", code=1)
+                run.log(global_step=step, episodes=episodes,
+                        updates=phases * args.updates_per_train,
+                        train_return=np.mean(returns) if returns else float("nan"),
+                        eval_return=eval_return, epsilon=epsilon, **means)
+                returns, metrics, eval_return = [], [], float("nan")
+        return finish(args, run, train_state.params, step, interrupted)
+
+
+# =============================================================================================
+# ==== Plumbing: not needed to follow the method ====
+def set_up(args, init_key):
+    """What train() needs before its loop, made once every input is checked (sizes, memory)."""
+    make_env, cap = resolve_env(args.env_id, args.max_episode_steps, args.env_kwargs,
+                                args.prev_action)
+    check_sizes(args, cap)
+    probe = make_env()  # one env for the sizes: nothing large is made before the checks
+    obs_dim, num_actions = probe.observation_space.shape[0], int(probe.action_space.n)
+    # auto: n ops in n steps (lax.scan) win on a CPU, ~2n ops in O(log n) depth on a GPU/TPU
+    cpu = jax.default_backend() == "cpu"
+    scan = args.scan if args.scan != "auto" else "sequential" if cpu else "associative"
+    init = lambda k: init_params(k, obs_dim, num_actions, args)  # noqa: E731
+    shapes, meta = jax.eval_shape(init, init_key), checkpoint_meta(args, obs_dim, num_actions)
+    check_memory(args, cap, obs_dim, shapes)  # the checks need the shapes only: no compute
+    if args.load_model:
+        params = load_params(shapes, args.load_model, meta)
+    else:  # jitted: one compile instead of dozens of small eager ones
+        params = jax.jit(init)(init_key)
+    # Made only now that every input is checked: bad input leaves no empty run folder.
+    folder, log = start_run(args, scan_used=scan, episode_cap=cap)
+    envs = make_vector_env(make_env, args.num_envs)
+    eval_envs = make_vector_env(make_env, args.eval_episodes)
+    eval_envs.reset(seed=args.seed + 1_000_000)  # seeded apart; later resets continue it
+    return SimpleNamespace(envs=envs, eval_envs=eval_envs, params=params, obs_dim=obs_dim,
+                           cap=cap, scan=scan, folder=folder, log=log, meta=meta)
+
+
+def finish(args, run, params, step, interrupted):
+    """After the loop: close the envs, save params.npz and the plot, exit 130 if stopped."""
+    run.envs.close()
+    run.eval_envs.close()
+    # What was learned first; the plot is optional, so a failing one costs a warning only.
+    if args.save_model:
+        save_params(params, os.path.join(run.folder, "params.npz"), run.meta)
+    try:
+        plot_learning_curve(run.folder, f"{args.exp_name} on {args.env_id}")
+    except Exception as e:  # noqa: BLE001  (matplotlib and a full disk raise many kinds)
+        print(f"warning: no learning_curve.png ({type(e).__name__}: {e})", file=sys.stderr)
+    if interrupted:
+        print(f"interrupted at step {step:,d}; results in {run.folder}")
+        sys.exit(130)  # 128 + SIGINT: the shell's code for an interrupted program
+    print(f"done: {step:,d} steps; results in {run.folder}")
+    return run.folder
+
+
+@contextmanager
+def stops_cleanly():
+    """Yields `stop`, which SIGINT (Ctrl-C) or SIGTERM fills: train() then ends after the step
+    as if finished (last metrics row, params.npz, plot) and exits 130 itself, so that a caller
+    of several runs (vml_analysis.py) stops too. A second signal, or out of memory: one line."""
+    stop = []
+
+    def on_signal(signum, frame):
+        stop.append(signum)
+        signal.signal(signum, old[signum])
+
+    main = threading.current_thread() is threading.main_thread()  # the one with signals
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM) if main}
+    try:
+        yield stop
+    except KeyboardInterrupt:  # a second Ctrl-C
+        fail("interrupted", code=130)
+    except (MemoryError, ValueError, jax.errors.JaxRuntimeError) as e:  # ValueError: a CPU's
+        if isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e):
+            fail(f"out of memory ({(str(e) or 'MemoryError').splitlines()[0][:200]}); try a "
+                 "smaller --batch-size, --buffer-size or --num-envs", code=1)
+        raise
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
 def check_sizes(args, cap):
-    """TBB's size rule: the tape and a training tape each hold the longest episode whole
-    (sbb_baseline_dqn.py swaps in its own rule)."""
+    """TBB's size rule: the tape and a training tape each hold the longest episode whole."""
     for flag in ("buffer_size", "batch_size"):
         if getattr(args, flag) < cap:
             fail(f"--{flag.replace('_', '-')} {getattr(args, flag)} is smaller than the longest "
@@ -461,13 +606,13 @@ def check_memory(args, cap, obs_dim, params):
     (so a swapped buffer counts as it is); a step holds 2 observations, 4 scalars and 2 ring
     ints, a batch step also a prefix state (the size of an env's recurrent state) per o_t and
     o_t+1 and network; an env its state in and out and its episode so far."""
-    size = lambda make, *shapes: sum(x.size * x.dtype.itemsize  # noqa: E731  (nothing is made)
-                                     for x in jax.tree.leaves(jax.eval_shape(make, *shapes)))
-    step, state = 8 * obs_dim + 18, size(lambda p: initial_carry(p, 1), params)
-    needs = {"--buffer-size": size(lambda: init_tape(args.buffer_size, obs_dim)),
-             "--batch-size": args.batch_size * (step + 4 * state),
-             "--num-envs": args.num_envs * (2 * state + cap * step),
-             "--eval-episodes": args.eval_episodes * 2 * state}
+    bytes_of = lambda make, *shapes: sum(x.size * x.dtype.itemsize  # noqa: E731  (made: none)
+                                         for x in jax.tree.leaves(jax.eval_shape(make, *shapes)))
+    step_bytes, carry_bytes = 8 * obs_dim + 18, bytes_of(lambda p: initial_carry(p, 1), params)
+    needs = {"--buffer-size": bytes_of(lambda: init_tape(args.buffer_size, obs_dim)),
+             "--batch-size": args.batch_size * (step_bytes + 4 * carry_bytes),
+             "--num-envs": args.num_envs * (2 * carry_bytes + cap * step_bytes),
+             "--eval-episodes": args.eval_episodes * 2 * carry_bytes}
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit", ram)
     flag, total = max(needs, key=needs.get), sum(needs.values())
@@ -477,148 +622,8 @@ def check_memory(args, cap, obs_dim, params):
              f"GiB, and there are {limit / 2**30:,.1f} GiB")
 
 
-def stops_cleanly(train):
-    """train(args, stop), made to end cleanly. SIGINT (Ctrl-C) or SIGTERM fills `stop`, which
-    the loop reads once a step: the run then ends as if finished (its last metrics row,
-    params.npz, the plot) and exits 130, from train itself, so that a caller running several
-    runs (vml_analysis.py) stops too. A second signal acts at once. Out of memory: one line."""
-    @wraps(train)
-    def run(args):
-        stop = []
-
-        def on_signal(signum, frame):
-            stop.append(signum)
-            signal.signal(signum, old[signum])
-
-        main = threading.current_thread() is threading.main_thread()  # the one with signals
-        old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM) if main}
-        try:
-            return train(args, stop)
-        except KeyboardInterrupt:  # a second Ctrl-C
-            fail("interrupted", code=130)
-        except (MemoryError, ValueError, jax.errors.JaxRuntimeError) as e:  # ValueError: a CPU's
-            if isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e):
-                fail(f"out of memory ({(str(e) or 'MemoryError').splitlines()[0][:200]}); try a "
-                     "smaller --batch-size, --buffer-size or --num-envs", code=1)
-            raise
-        finally:
-            for s, handler in old.items():
-                signal.signal(s, handler)
-
-    return run
-
-
-@stops_cleanly
-def train(args, stop):
-    """The algorithm box: act in all envs with the recurrent policy, put every finished
-    episode on the tape whole, and every --train-frequency steps run one train phase. Called
-    as train(args); `stop` fills when a signal asks the run to end (stops_cleanly)."""
-    make_env, cap = resolve_env(args.env_id, args.max_episode_steps, args.env_kwargs,
-                                args.prev_action)
-    check_sizes(args, cap)
-    probe = make_env()  # one env for the sizes: nothing large is made before the checks
-    obs_dim, num_actions = probe.observation_space.shape[0], int(probe.action_space.n)
-    # On a CPU the lax.scan (n ops in n steps) beats the associative scan (about 2n ops in
-    # 2 log n passes); on a GPU/TPU the O(log n) depth wins at large B.
-    cpu = jax.default_backend() == "cpu"
-    scan = args.scan if args.scan != "auto" else "sequential" if cpu else "associative"
-
-    key, init_key, act_key = jax.random.split(jax.random.PRNGKey(args.seed), 3)
-    init = lambda k: init_params(k, obs_dim, num_actions, args)  # noqa: E731
-    shapes, meta = jax.eval_shape(init, init_key), checkpoint_meta(args, obs_dim, num_actions)
-    check_memory(args, cap, obs_dim, shapes)  # the checks need the shapes only: no compute
-    if args.load_model:
-        params = load_params(shapes, args.load_model, meta)
-    else:  # jitted: one compile instead of dozens of small eager ones
-        params = jax.jit(init)(init_key)
-    # Made only now that every input is checked: bad input leaves no empty run folder.
-    run_dir, log = start_run(args, scan_used=scan, episode_cap=cap)
-    envs = make_vector_env(make_env, args.num_envs)
-    eval_envs = make_vector_env(make_env, args.eval_episodes)
-    optimizer = make_optimizer(args)
-    target = jax.jit(partial(jax.tree.map, jnp.copy))(params)  # own buffers: both are donated
-    state = TrainState(params, target, jax.jit(optimizer.init)(params))
-    train_phase = make_train_phase(optimizer, args, scan)
-    tape = init_tape(args.buffer_size, obs_dim)
-    # Each env's episode so far, on the host, in rows padded to the cap (one compile of
-    # add_episode), until it ends and goes onto the tape whole.
-    unfinished = zero_transitions((args.num_envs, cap), obs_dim, np.zeros)
-    env_index, length = np.arange(args.num_envs), np.zeros(args.num_envs, np.int32)
-
-    obs, _ = envs.reset(seed=args.seed)
-    eval_envs.reset(seed=args.seed + 1_000_000)  # seeded apart; later resets continue it
-    carry, start = initial_carry(params, args.num_envs), np.ones(args.num_envs, bool)
-    ep_return, returns, metrics = np.zeros(args.num_envs), [], []
-    step = episodes = phases = 0
-    eval_return, interrupted = float("nan"), False
-    while step < args.total_timesteps and not interrupted:
-        # Collect: one step in every env.
-        epsilon = epsilon_at(step, args)
-        actions, carry = act(state.params, carry, obs, start, epsilon, act_key, step)
-        actions = np.asarray(actions)
-        next_obs, reward, terminated, truncated, info = envs.step(actions)
-        done = terminated | truncated
-        true_next_obs = next_obs.copy()  # SAME_STEP autoreset: a finished env's is in info
-        if done.any():
-            true_next_obs[done] = np.stack(info["final_obs"][done])
-        transition = (obs, actions, reward, true_next_obs, terminated, truncated)
-        for column, value in zip(unfinished, transition):
-            column[env_index, length] = value
-        length += 1
-        ep_return += reward
-        # Store: every finished episode goes onto the tape whole.
-        for i in np.flatnonzero(done):
-            tape = add_episode(tape, Transition(*(c[i] for c in unfinished)), length[i],
-                               state.params)
-            returns.append(ep_return[i])
-            length[i], ep_return[i] = 0, 0.0
-            episodes += 1
-        obs, start = next_obs, done
-        step += args.num_envs
-
-        # Train: one phase for every --train-frequency steps from --learning-starts on (once a
-        # stored episode can be sampled; phases missed until then run at once).
-        while episodes and phases <= (step - args.learning_starts) // args.train_frequency:
-            key, phase_key = jax.random.split(key)
-            state, phase_metrics = train_phase(state, tape, phase_key)
-            metrics.append(phase_metrics)
-            phases += 1
-        # Evaluate and log where these steps passed a multiple of --eval-every / --log-every.
-        interrupted = bool(stop)  # read once a step, so that the step that stops also logs
-        finished = step >= args.total_timesteps or interrupted
-        if step % args.eval_every < args.num_envs or finished:
-            eval_return = evaluate(state.params, eval_envs, args.eval_episodes)
-        if step % args.log_every < args.num_envs or finished:
-            # Metrics stay on the device until here: one sync per log line, not per phase.
-            means = {name: float(np.mean([m[name] for m in metrics])) if metrics
-                     else float("nan") for name in ("td_loss", "q_values", "density")}
-            if metrics and not np.isfinite(means["td_loss"]):
-                fail(f"the TD loss became non-finite by step {step}; try a lower "
-                     "--learning-rate or --max-grad-norm", code=1)
-            log(global_step=step, episodes=episodes, updates=phases * args.updates_per_train,
-                train_return=np.mean(returns) if returns else float("nan"),
-                eval_return=eval_return, epsilon=epsilon, **means)
-            returns, metrics, eval_return = [], [], float("nan")
-    envs.close()
-    eval_envs.close()
-    # What was learned first; the plot is optional, so a failing one costs a warning only.
-    if args.save_model:
-        save_params(state.params, os.path.join(run_dir, "params.npz"), meta)
-    try:
-        plot_learning_curve(run_dir, f"{args.exp_name} on {args.env_id}")
-    except Exception as e:  # noqa: BLE001  (matplotlib and a full disk raise many kinds)
-        print(f"warning: no learning_curve.png ({type(e).__name__}: {e})", file=sys.stderr)
-    if interrupted:
-        print(f"interrupted at step {step:,d}; results in {run_dir}")
-        sys.exit(130)  # 128 + SIGINT: the shell's code for an interrupted program
-    print(f"done: {step:,d} steps; results in {run_dir}")
-    return run_dir
-
-
-# =============================================================================================
-# Plumbing. Command line: every hyperparameter is a flag, range-checked where it is declared
-# (or in parse_args); bad input stops the run with one line on stderr and exit code 2, as
-# argparse does.
+# Command line: every hyperparameter is a flag, range-checked where it is declared (or in
+# parse_args); bad input stops the run with one line on stderr and exit code 2, as argparse.
 def fail(message, code=2):
     """Stop with one line on stderr: code 2 for bad input, 1 for a run that failed."""
     message = " ".join(message.split())  # one line, even where it quotes a library's error
@@ -652,20 +657,6 @@ UNIT = checked(float, lambda v: 0 <= v <= 1, "in [0, 1]")
 OPEN_UNIT = checked(float, lambda v: 0 < v <= 1, "in (0, 1]")
 SEED = checked(int, lambda v: 0 <= v < 2**63, "in [0, 2**63 - 1]")  # gymnasium's, jax's range
 JSON_OBJECT = checked(json.loads, lambda v: isinstance(v, dict), "a JSON object", "JSON")
-
-
-def pi_float(text):
-    """A float, or a multiple or fraction of pi as written in the README: pi/10, 2*pi, 2pi/3."""
-    number, _, divisor = text.replace(" ", "").partition("/")
-    factor, pi, rest = number.partition("pi")
-    if rest or divisor and float(divisor) == 0:
-        raise ValueError(text)  # argparse: "invalid float value"
-    value = float(factor.removesuffix("*") or 1) * np.pi if pi else float(factor)
-    return value / float(divisor or 1)
-
-
-POSITIVE_ANGLE = checked(pi_float, lambda v: 0 < v <= FLOAT32_MAX, "positive and finite",
-                         "float")
 
 
 def make_parser():
@@ -823,7 +814,7 @@ def start_run(args, **extra):
             fail(f"--output-dir {args.output_dir}: cannot make the run folder there ({e.strerror})")
     path = os.path.join(run_dir, "args.json")
     try:
-        write_whole(path, lambda f: f.write(json.dumps(vars(args) | extra, indent=2).encode()))
+        atomic_write(path, lambda f: f.write(json.dumps(vars(args) | extra, indent=2).encode()))
     except OSError as e:
         fail(f"cannot write {path} ({e.strerror})", code=1)
     print(f"{run_name}: {args.env_id}, {', '.join(f'{k} {v}' for k, v in extra.items())}, "
@@ -834,30 +825,30 @@ def start_run(args, **extra):
     file, t0 = open(path, "wb", buffering=0), time.time()  # unbuffered: one write per row
 
     def write_row(row):  # in one write; a row the disk takes part of is cut off again
-        text, size = io.StringIO(), file.tell()
+        text, written = io.StringIO(), file.tell()
         csv.DictWriter(text, fields).writerow(row)
         try:
             error = None if file.write(text.getvalue().encode()) == text.tell() else "disk full"
         except OSError as e:
             error = e.strerror
         if error:
-            file.truncate(size)
+            file.truncate(written)
             fail(f"cannot write {path} ({error}); its earlier rows are whole", code=1)
 
     write_row(dict(zip(fields, fields)))  # the header
-    clock = lambda s: f"{int(s) // 60}m{int(s) % 60:02d}s"  # noqa: E731
+    min_sec = lambda s: f"{int(s) // 60}m{int(s) % 60:02d}s"  # noqa: E731
 
-    def num(value, spec):  # "-", not nan: no episode ended, no evaluation or no update yet
+    def or_dash(value, spec):  # formatted, or "-" for nan: no episode ended, evaluation, update
         return "-".center(len(format(0.0, spec))) if np.isnan(value) else format(value, spec)
 
     def log(**row):
         elapsed, step = time.time() - t0, row["global_step"]
         write_row(row | {"sps": step / elapsed, "elapsed_s": elapsed})
         print(f"step {step:>9,d} | SPS {step / elapsed:6.0f} | train return "
-              f"{num(row['train_return'], '+.3f')} | eval return "
-              f"{num(row['eval_return'], '+.3f')} | loss {num(row['td_loss'], '.2e')} | eps "
-              f"{row['epsilon']:.3f} | {clock(elapsed)} elapsed, "
-              f"ETA {clock(elapsed * (args.total_timesteps - step) / step)}", flush=True)
+              f"{or_dash(row['train_return'], '+.3f')} | eval return "
+              f"{or_dash(row['eval_return'], '+.3f')} | loss {or_dash(row['td_loss'], '.2e')} "
+              f"| eps {row['epsilon']:.3f} | {min_sec(elapsed)} elapsed, "
+              f"ETA {min_sec(elapsed * (args.total_timesteps - step) / step)}", flush=True)
         if step >= args.total_timesteps and not row["updates"]:  # the last row
             fail(f"nothing was trained: no episode ended within --total-timesteps "
                  f"{args.total_timesteps:,d} ({step // args.num_envs:,d} steps in each of "
@@ -877,12 +868,12 @@ def plot_learning_curve(run_dir, title):
     ax.plot([int(r["global_step"]) for r in rows], [float(r["eval_return"]) for r in rows], "o-")
     ax.set(xlabel="environment steps", ylabel="mean greedy eval return", title=title)
     ax.grid(alpha=0.3)
-    write_whole(os.path.join(run_dir, "learning_curve.png"),
+    atomic_write(os.path.join(run_dir, "learning_curve.png"),
                 partial(fig.savefig, format="png", dpi=120))
     plt.close(fig)
 
 
-def write_whole(path, write):
+def atomic_write(path, write):
     """write(file) to a temporary file, then renamed: a crash or a full disk leaves the old
     file or none at `path`, never half of one (that --load-model would read)."""
     try:
@@ -908,7 +899,7 @@ def save_params(params, path, meta=None):
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     arrays = {jax.tree_util.keystr(k, simple=True, separator="/"): np.asarray(v) for k, v in flat}
     try:
-        write_whole(path, lambda f: np.savez(f, **arrays, __meta__=json.dumps(meta or {})))
+        atomic_write(path, lambda f: np.savez(f, **arrays, __meta__=json.dumps(meta or {})))
     except OSError as e:
         fail(f"cannot write {path} ({e.strerror or e})", code=1)
 

@@ -41,15 +41,15 @@ from functools import partial
 from typing import NamedTuple
 
 
-def interrupted(signum, frame):
+def exit_at_once(signum, frame):
     """Ctrl-C before train() takes the signals (while jax loads): stop at once, in one line, as
-    the TBB scripts do (their interrupted() tells why)."""
+    the TBB scripts do (their exit_at_once() tells why)."""
     print(f"{os.path.basename(sys.argv[0])}: error: interrupted", file=sys.stderr)
     os._exit(130)
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGINT, interrupted)
+    signal.signal(signal.SIGINT, exit_at_once)
 
 import jax  # noqa: E402  (after the handler above)
 import jax.numpy as jnp  # noqa: E402

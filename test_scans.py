@@ -12,8 +12,10 @@ import collections
 import contextlib
 import csv
 import importlib.util
+import io
 import json
 import os
+import pdb
 import re
 import runpy
 import shlex
@@ -2671,6 +2673,50 @@ def test_readme_commands_are_accepted_as_written(script, flags, monkeypatch, cap
     """Each command in the README names a script that takes every flag it is given."""
     stopped = accept_and_stop(monkeypatch, script, flags)
     assert isinstance(stopped, Parsed) or stopped.code == 0, capsys.readouterr().err
+
+
+def readme_debugger_line():
+    """The README's one `python -m pdb` line, as (environment, script, flags)."""
+    with open(os.path.join(HERE, "README.md")) as f:
+        (line,) = [line for line in f.read().splitlines() if " -m pdb " in line]
+    words = shlex.split(line, comments=True)
+    at = words.index("python")
+    assert words[at + 1:at + 3] == ["-m", "pdb"]
+    return dict(w.split("=", 1) for w in words[:at]), words[at + 3], words[at + 4:]
+
+
+def test_the_readme_debugger_line_runs_the_script_without_jit(tmp_path, monkeypatch):
+    """The README's debugger line as written: pdb runs the script (as `python -m pdb` does,
+    as __main__ with these flags) with jit off (JAX_DISABLE_JIT=1: read when jax starts, so
+    jax.disable_jit here); a breakpoint in td_loss, which runs inside the jitted train phase,
+    shows a real array; the run ends with finite metrics in ./runs."""
+    env, script, flags = readme_debugger_line()
+    assert env == {"JAX_DISABLE_JIT": "1"} and script == "ffm_tbb_dqn.py"
+    path = os.path.join(HERE, script)
+    with open(path) as f:
+        lines = f.read().splitlines()
+    assert lines.count("    steps, start = batch") == 1  # td_loss's first line
+    in_loss = lines.index("    steps, start = batch") + 1
+    out = io.StringIO()
+    debugger = pdb.Pdb(stdin=io.StringIO(f"tbreak {path}:{in_loss}\ncontinue\n"
+                                         "p float(batch[0].reward.sum())\ncontinue\n"),
+                       stdout=out, nosigint=True)
+    monkeypatch.chdir(tmp_path)  # the run folder: ./runs, as for the reader
+    monkeypatch.setattr(sys, "argv", [script, *flags])
+    ctrl_c = signal.getsignal(signal.SIGINT)  # run as __main__, the script takes it
+    try:
+        with jax.disable_jit():
+            debugger.runcall(runpy.run_path, path, run_name="__main__")
+    finally:
+        signal.signal(signal.SIGINT, ctrl_c)
+    shown = out.getvalue().splitlines()
+    at = next(i for i, line in enumerate(shown) if line.endswith("steps, start = batch"))
+    float(shown[at + 1].removeprefix("(Pdb) "))  # a number: a tracer (jit on) prints an error
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    (row,) = read_metrics(run_dir)  # one log line, at the end
+    assert int(row["global_step"]) == int(flags[flags.index("--total-timesteps") + 1])
+    assert int(row["updates"]) > 0
+    assert all(np.isfinite(float(row[k])) for k in ("td_loss", "q_values", "eval_return"))
 
 
 SCRIPTS = ["ffm_tbb_dqn.py", "lru_tbb_dqn.py", "linear_transformer_tbb_dqn.py",

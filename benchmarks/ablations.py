@@ -85,13 +85,13 @@ def episodes_by_length(sample_tape):
     stored step bringing its whole episode would (our scripts' sampler before uniform episode
     draws): it lists every stored step's episode as if it were an episode of its own."""
     def sample(tape, key, batch_size):
-        capacity = tape.episodes.shape[0]
-        head, j = tape.episodes[tape.oldest], jnp.arange(capacity)
+        capacity = tape.first_step.shape[0]
+        head, j = tape.first_step[tape.oldest], jnp.arange(capacity)
         # the stored episodes' first steps counted from the oldest step, in order; then padding
-        starts = jnp.where(j < tape.count,
-                           (tape.episodes[(tape.oldest + j) % capacity] - head) % capacity, capacity)
+        starts = jnp.where(j < tape.count, (tape.first_step[(tape.oldest + j) % capacity] - head)
+                           % capacity, capacity)
         each_step = (head + starts[jnp.searchsorted(starts, j, side="right") - 1]) % capacity
-        return sample_tape(tape._replace(episodes=each_step, oldest=jnp.int32(0),
+        return sample_tape(tape._replace(first_step=each_step, oldest=jnp.int32(0),
                                          count=tape.size), key, batch_size)
     return sample
 
