@@ -350,10 +350,11 @@ def kept_curves(path):
 
 def record_curves(args):
     """Copy into args.curves the curves of this grid's runs that have finished in runs/, with a
-    hash of their settings. -> (curves, other): {(task, model, batching, seed): eval curve} of
+    hash of their settings. -> (curves, notes): {(task, model, batching, seed): eval curve} of
     the runs asked for that were kept with the settings args asks for (or before settings were
     recorded), always as kept, so that a table from runs/ equals one made later from the CSV
-    alone; and the runs asked for that were kept with other settings only."""
+    alone; and one line each on the runs asked for that were kept only with other settings,
+    and on those drawn unchecked."""
     kept = kept_curves(args.curves)
     found = {}
     for key in grid(args):
@@ -383,7 +384,7 @@ def write_curves(path, kept):
 
 
 def asked_curves(kept, args):
-    """-> (curves, other) of record_curves, from the kept curves `kept`."""
+    """-> (curves, notes) of record_curves, from the kept curves `kept`."""
     asked = set(grid(args)) | set(course_keys(args))
     curves, unchecked, other = {}, {}, set()
     for (*key, made_with), curve in kept.items():
@@ -396,16 +397,13 @@ def asked_curves(kept, args):
             unchecked[key] = curve
         else:
             other.add(key)
-    return unchecked | curves, sorted(other - curves.keys() - unchecked.keys())
-
-
-def other_settings_note(other):
-    """One line on the asked runs that were kept only with other settings, or ""."""
-    if not other:
-        return ""
-    task, model, batching, seed = other[0]
-    return (f"{len(other)} of the runs asked for were kept only with other settings than these "
-            f"(e.g. {task} {model} {batching} seed {seed}): not drawn, and run again by the grid")
+    said = {"were kept only with other settings than these: not drawn, and run again by the "
+            "grid": sorted(other - curves.keys() - unchecked.keys()),
+            "were kept before settings were recorded: drawn unchecked":
+            sorted(unchecked.keys() - curves.keys())}
+    notes = [f"{len(runs)} of the runs asked for {what} (e.g. {' '.join(map(str, runs[0]))})"
+             for what, runs in said.items() if runs]
+    return unchecked | curves, notes
 
 
 def grid(args):
@@ -423,10 +421,10 @@ def bootstrap_ci(values, rng, resamples=2000):
 
 def unfinished(args):
     """-> ([(run folder, shell line)] of the grid's runs not yet finished with these settings,
-    the runs asked for that were kept with other settings only)."""
-    curves, other = record_curves(args)
+    the notes of record_curves)."""
+    curves, notes = record_curves(args)
     todo = [command(*key, args) for key in grid(args) if key not in curves]
-    return [(out, shell_line(out, cmd)) for out, cmd in todo if cmd is not None], other
+    return [(out, shell_line(out, cmd)) for out, cmd in todo if cmd is not None], notes
 
 
 def last_line(path):
@@ -439,9 +437,8 @@ def last_line(path):
 
 
 def run_grid(args):
-    todo, other = unfinished(args)
-    note = other_settings_note(other)
-    print(f"{len(todo)} runs to do" + (f"; {note}" if note else ""), flush=True)
+    todo, notes = unfinished(args)
+    print(f"{len(todo)} runs to do" + "".join(f"; {note}" for note in notes), flush=True)
 
     def one(job):
         out, line = job  # exactly what --commands prints
@@ -486,9 +483,9 @@ def summarise(args):
         return os.stat(path).st_mtime_ns if os.path.isfile(path) else None
 
     before = state(args.curves)
-    curves, other = record_curves(args)
-    if other:
-        print(f"note: {other_settings_note(other)}", file=sys.stderr)
+    curves, notes = record_curves(args)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     wrote = [args.curves] if state(args.curves) != before else []
     if args.figure or args.table:
         wrote += summarise_batchings(curves, args)
