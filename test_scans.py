@@ -2002,6 +2002,8 @@ def test_reproduce_resumes_and_tabulates(tmp_path, monkeypatch):
     assert sbb10[4].startswith("+0.250 (+0.250, +0.250)")
     assert tbb[7] == "1.00" and sbb10[7] == "0.80" and tbb[6] == "20" and tbb[8] == "2.0"
     assert tbb[11] == "20, never" and sbb10[11] == "never"  # updates to the first eval >= 0.9
+    # the mean eval after the first update: the evaluation at 0 updates is left out
+    assert tbb[12].startswith(f"{np.mean([np.mean([0.5, 1.0]), np.mean([0.25, 0.5])]):+.3f}")
     assert (tmp_path / "f.png").stat().st_size > 0
     # The finished runs' curves are kept in --curves: without runs/ the table is the same and
     # they are not run again.

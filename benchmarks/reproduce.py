@@ -510,8 +510,8 @@ def summarise_batchings(curves, args):
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), squeeze=False)
     lines = ["| task | model | batching | seeds | final return (95% CI) | area under curve (95% CI)"
              " | updates | density | minutes per run | final best-so-far (95% CI) | paper |"
-             " updates to the first eval >= 0.9, per seed |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             " updates to the first eval >= 0.9, per seed | mean eval after the first update"
+             " (95% CI) |", "|---" * 13 + "|"]
     for i, model in enumerate(args.models):
         for j, task in enumerate(args.tasks):
             ax = axes[i][j]
@@ -545,13 +545,18 @@ def summarise_batchings(curves, args):
                 density = (np.nanmean(density) if np.isfinite(density).any()
                            else 1.0 if batching == "tbb" else np.nan)
                 minutes = np.mean([c["elapsed_s"][-1] for c in curves]) / 60
+                # learning fast and staying learned (the random phase's evaluations left out)
+                after = bootstrap_ci([np.mean(c["eval_return"][c["updates"] >= 1])
+                                      if (c["updates"] >= 1).any() else np.nan
+                                      for c in curves], rng)
                 lines.append(f"| {task} | {model} | {batching} | {len(curves)} | "
                              f"{final[0]:+.3f} ({final[1]:+.3f}, {final[2]:+.3f}) | "
                              f"{auc[0]:+.3f} ({auc[1]:+.3f}, {auc[2]:+.3f}) | "
                              f"{updates:,.0f} | {density:.2f} | {minutes:.1f} | "
                              f"{final_best[0]:+.3f} ({final_best[1]:+.3f}, {final_best[2]:+.3f})"
                              f" | {paper if args.recipe == 'paper' else ''} | "
-                             f"{', '.join(first_reaching(c, 0.9) for c in curves)} |")
+                             f"{', '.join(first_reaching(c, 0.9) for c in curves)} | "
+                             f"{after[0]:+.3f} ({after[1]:+.3f}, {after[2]:+.3f}) |")
             ax.set_title(f"{task} ({model})", fontsize=10)
             ax.set(xlabel="environment steps" if i == rows - 1 else None,
                    ylabel="mean greedy eval return" if j == 0 else None)
