@@ -34,9 +34,8 @@ from typing import NamedTuple
 
 
 def exit_at_once(signum, frame):
-    """Ctrl-C before train() takes the signals (while jax loads, a second or two): stop at once,
-    in one line (a KeyboardInterrupt there is a traceback, or is lost in a callback of jax's and
-    the run goes on). Nothing is written yet; train() hands a second Ctrl-C back to this."""
+    """Ctrl-C while jax loads (before train() takes the signals) or a second one: one line, exit
+    130 at once (a KeyboardInterrupt is a traceback, or lost in a callback of jax's)."""
     print(f"{os.path.basename(sys.argv[0])}: error: interrupted", file=sys.stderr)
     os._exit(130)
 
@@ -238,27 +237,6 @@ def q_step(params, carry, obs, start):
     return q_head(params, output_map(params, carry, x)), carry
 
 
-# The memory's flags (read by the command line below) and their cross-checks.
-def add_model_flags(parser):
-    g = parser.add_argument_group("FFM model")
-    g.add_argument("--hidden-size", type=POSITIVE_INT, default=256,
-                   help="width of the embedding, the FFM output and the Q head")
-    g.add_argument("--trace-size", type=POSITIVE_INT, default=64,
-                   help="FFM trace size m: number of decaying memory traces")
-    g.add_argument("--context-size", type=POSITIVE_INT, default=4,
-                   help="FFM context size c: oscillation frequencies per trace")
-    g.add_argument("--min-period", type=POSITIVE_FLOAT, default=1.0,
-                   help="shortest oscillation period (steps) of the initial frequencies (1: a "
-                   "column that does not oscillate; 2: the fastest that does)")
-    g.add_argument("--max-period", type=POSITIVE_FLOAT, default=1024.0,
-                   help="longest oscillation period (steps) of the initial frequencies")
-
-
-def check_model_flags(args):
-    if args.min_period > args.max_period:
-        fail("--min-period must not exceed --max-period")
-
-
 # ==== shared: tape, loss, training, plumbing ====
 # =============================================================================================
 # (3) The tape (paper Sec. 4.2): one flat ring of transitions on the device. Episodes are
@@ -300,8 +278,7 @@ def init_tape(capacity, obs_dim):
 @partial(jax.jit, donate_argnums=0)  # donated: the ring is updated in place, not copied
 def add_episode(tape, episode, length, params=None):
     """Append one episode: a Transition of [T, ...] columns whose first `length` rows are real.
-    `params`, the acting network's, are not read here (sbb_baseline_dqn.py --stored-state reads
-    them; unread, jit drops them)."""
+    `params` (the acting network's) are unread: sbb_baseline_dqn.py --stored-state reads them."""
     capacity = tape.first_step.shape[0]
 
     def evict_oldest(ring):
@@ -482,15 +459,8 @@ def train(args):
                 eval_return = evaluate(train_state.params, run.eval_envs, args.eval_episodes)
             if step % args.log_every < args.num_envs or last_step:
                 # Metrics stay on the device until here: one sync per log line, not per phase.
-                means = {name: float(np.mean([m[name] for m in metrics])) if metrics
-                         else float("nan") for name in ("td_loss", "q_values", "density")}
-                if metrics and not np.isfinite(means["td_loss"]):
-                    fail(f"the TD loss became non-finite by step {step}; try a lower "
-                         "--learning-rate or --max-grad-norm", code=1)
-                run.log(global_step=step, episodes=episodes,
-                        updates=phases * args.updates_per_train,
-                        train_return=np.mean(returns) if returns else float("nan"),
-                        eval_return=eval_return, epsilon=epsilon, **means)
+                run.log(step, episodes, phases * args.updates_per_train, returns, eval_return,
+                        epsilon, metrics)
                 returns, metrics, eval_return = [], [], float("nan")
         return finish(args, run, train_state.params, step, interrupted)
 
@@ -505,15 +475,13 @@ def set_up(args, init_key):
     probe = make_env()  # one env for the sizes: nothing large is made before the checks
     obs_dim, num_actions = probe.observation_space.shape[0], int(probe.action_space.n)
     # auto: n ops in n steps (lax.scan) win on a CPU, ~2n ops in O(log n) depth on a GPU/TPU
-    cpu = jax.default_backend() == "cpu"
-    scan = args.scan if args.scan != "auto" else "sequential" if cpu else "associative"
+    auto = "sequential" if jax.default_backend() == "cpu" else "associative"
+    scan = auto if args.scan == "auto" else args.scan
     init = lambda k: init_params(k, obs_dim, num_actions, args)  # noqa: E731
     shapes, meta = jax.eval_shape(init, init_key), checkpoint_meta(args, obs_dim, num_actions)
     check_memory(args, cap, obs_dim, shapes)  # the checks need the shapes only: no compute
-    if args.load_model:
-        params = load_params(shapes, args.load_model, meta)
-    else:  # jitted: one compile instead of dozens of small eager ones
-        params = jax.jit(init)(init_key)
+    jit_init = jax.jit(init)  # one compile instead of dozens of small eager ones
+    params = load_params(shapes, args.load_model, meta) if args.load_model else jit_init(init_key)
     # Made only now that every input is checked: bad input leaves no empty run folder.
     folder, log = start_run(args, scan_used=scan, episode_cap=cap)
     envs = make_vector_env(make_env, args.num_envs)
@@ -578,10 +546,9 @@ def check_sizes(args, cap):
 
 def check_memory(args, cap, obs_dim, params):
     """Refuse, before anything is allocated, sizes that cannot fit in memory (the device's; a
-    CPU's is the RAM). Bytes counted from below: the tape's arrays, as init_tape shapes them
-    (so a swapped buffer counts as it is); a step holds 2 observations, 4 scalars and 2 ring
-    ints, a batch step also a prefix state (the size of an env's recurrent state) per o_t and
-    o_t+1 and network; an env its state in and out and its episode so far."""
+    CPU's: the RAM). Counted from below: the tape as init_tape shapes it; a batch step holds a
+    step (2 observations, 4 scalars, 2 ints) and a prefix state per o_t, o_t+1 and network; an
+    env its state in and out and its episode so far."""
     bytes_of = lambda make, *shapes: sum(x.size * x.dtype.itemsize  # noqa: E731  (made: none)
                                          for x in jax.tree.leaves(jax.eval_shape(make, *shapes)))
     step_bytes, carry_bytes = 8 * obs_dim + 18, bytes_of(lambda p: initial_carry(p, 1), params)
@@ -650,12 +617,10 @@ def make_parser():
     add("--total-timesteps", type=POSITIVE_INT, default=300_000, help="env steps over all "
         "envs, rounded up to a multiple of --num-envs")
     add("--num-envs", type=POSITIVE_INT, default=32, help="envs stepped by one batched act call")
-    add("--max-episode-steps", type=NON_NEGATIVE_INT, default=0,
-        help="episode cap; 0 takes the env's own (needed for envs without one)")
+    add("--max-episode-steps", type=NON_NEGATIVE_INT, default=0, help="0: the env's own cap")
     add("--buffer-size", type=POSITIVE_INT, default=100_000, help="tape capacity in transitions")
     add("--batch-size", type=POSITIVE_INT, default=1000, help="transitions per training tape B")
-    add("--learning-rate", type=POSITIVE_FLOAT, default=1e-3,
-        help="Adam learning rate (AdamW, no weight decay)")
+    add("--learning-rate", type=POSITIVE_FLOAT, default=1e-3, help="AdamW's, no weight decay")
     add("--lr-warmup-updates", type=NON_NEGATIVE_INT, default=200,
         help="updates N over which the learning rate ramps up linearly, from 1/N of it")
     add("--max-grad-norm", type=POSITIVE_FLOAT, default=1.0, help="global gradient-norm clip")
@@ -672,8 +637,7 @@ def make_parser():
     add("--scan", choices=("auto", "associative", "sequential"), default="auto",
         help="how to scan a tape; auto: sequential on a CPU, associative on a GPU/TPU")
     add("--eval-every", type=POSITIVE_INT, default=10_000, help="env steps between evaluations")
-    add("--eval-episodes", type=POSITIVE_INT, default=32,
-        help="greedy episodes per evaluation (their plain mean is logged)")
+    add("--eval-episodes", type=POSITIVE_INT, default=32, help="greedy episodes per evaluation")
     add("--log-every", type=POSITIVE_INT, default=10_000, help="env steps between log lines")
     add("--output-dir", default="runs", help="parent folder of the run folder")
     add("--save-model", action="store_true", help="write params.npz into the run folder")
@@ -775,7 +739,7 @@ def evaluate(params, eval_envs, num_episodes):
 
 def start_run(args, **extra):
     """Make <output-dir>/<env>__<exp-name>__<seed>__<time>/ with args.json (later also
-    learning_curve.png and, with --save-model, params.npz). -> (folder, log), where log(**row)
+    learning_curve.png and, with --save-model, params.npz). -> (folder, log), where log(...)
     writes a metrics.csv row and prints a progress line."""
     env = args.env_id + "".join(f"-{k}{v}" for k, v in args.env_kwargs.items())
     while True:
@@ -788,11 +752,8 @@ def start_run(args, **extra):
             time.sleep(0.1)
         except OSError as e:
             fail(f"--output-dir {args.output_dir}: cannot make the run folder there ({e.strerror})")
-    path = os.path.join(run_dir, "args.json")
-    try:
-        atomic_write(path, lambda f: f.write(json.dumps(vars(args) | extra, indent=2).encode()))
-    except OSError as e:
-        fail(f"cannot write {path} ({e.strerror})", code=1)
+    atomic_write(os.path.join(run_dir, "args.json"),
+                 lambda f: f.write(json.dumps(vars(args) | extra, indent=2).encode()))
     print(f"{run_name}: {args.env_id}, {', '.join(f'{k} {v}' for k, v in extra.items())}, "
           f"backend {jax.default_backend()}, run folder {run_dir}")
     path, fields = os.path.join(run_dir, "metrics.csv"), (
@@ -817,15 +778,23 @@ def start_run(args, **extra):
     def or_dash(value, spec):  # formatted, or "-" for nan: no episode ended, evaluation, update
         return "-".center(len(format(0.0, spec))) if np.isnan(value) else format(value, spec)
 
-    def log(**row):
-        elapsed, step = time.time() - t0, row["global_step"]
+    def log(step, episodes, updates, returns, eval_return, epsilon, metrics):
+        """The means of the train returns and the phases' metrics since the last row."""
+        nan, elapsed = float("nan"), time.time() - t0
+        row = {name: float(np.mean([m[name] for m in metrics])) if metrics else nan
+               for name in ("td_loss", "q_values", "density")}
+        if metrics and not np.isfinite(row["td_loss"]):
+            fail(f"the TD loss became non-finite by step {step}; try a lower --learning-rate or "
+                 "--max-grad-norm", code=1)
+        row |= dict(global_step=step, episodes=episodes, updates=updates, eval_return=eval_return,
+                    train_return=np.mean(returns) if returns else nan, epsilon=epsilon)
         write_row(row | {"sps": step / elapsed, "elapsed_s": elapsed})
         print(f"step {step:>9,d} | SPS {step / elapsed:6.0f} | train return "
               f"{or_dash(row['train_return'], '+.3f')} | eval return "
               f"{or_dash(row['eval_return'], '+.3f')} | loss {or_dash(row['td_loss'], '.2e')} "
               f"| eps {row['epsilon']:.3f} | {min_sec(elapsed)} elapsed, "
               f"ETA {min_sec(elapsed * (args.total_timesteps - step) / step)}", flush=True)
-        if step >= args.total_timesteps and not row["updates"]:  # the last row
+        if step >= args.total_timesteps and not updates:  # the last row
             fail(f"nothing was trained: no episode ended within --total-timesteps "
                  f"{args.total_timesteps:,d} ({step // args.num_envs:,d} steps in each of "
                  f"--num-envs {args.num_envs}); raise it, or lower --num-envs", code=1)
@@ -844,18 +813,19 @@ def plot_learning_curve(run_dir, title):
     ax.plot([int(r["global_step"]) for r in rows], [float(r["eval_return"]) for r in rows], "o-")
     ax.set(xlabel="environment steps", ylabel="mean greedy eval return", title=title)
     ax.grid(alpha=0.3)
-    atomic_write(os.path.join(run_dir, "learning_curve.png"),
-                partial(fig.savefig, format="png", dpi=120))
+    fig.savefig(os.path.join(run_dir, "learning_curve.png"), dpi=120)  # not read back: direct
     plt.close(fig)
 
 
 def atomic_write(path, write):
     """write(file) to a temporary file, then renamed: a crash or a full disk leaves the old
-    file or none at `path`, never half of one (that --load-model would read)."""
+    file or none at `path`, never half of one (that --load-model would read). Fails in one line."""
     try:
         with open(f"{path}.part", "wb") as f:
             write(f)
         os.replace(f"{path}.part", path)
+    except OSError as e:
+        fail(f"cannot write {path} ({e.strerror or e})", code=1)
     finally:
         if os.path.exists(f"{path}.part"):
             os.remove(f"{path}.part")
@@ -874,10 +844,7 @@ def checkpoint_meta(args, obs_dim, num_actions):
 def save_params(params, path, meta=None):
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     arrays = {jax.tree_util.keystr(k, simple=True, separator="/"): np.asarray(v) for k, v in flat}
-    try:
-        atomic_write(path, lambda f: np.savez(f, **arrays, __meta__=json.dumps(meta or {})))
-    except OSError as e:
-        fail(f"cannot write {path} ({e.strerror or e})", code=1)
+    atomic_write(path, lambda f: np.savez(f, **arrays, __meta__=json.dumps(meta or {})))
 
 
 def load_params(template, path, meta=None):
@@ -906,19 +873,40 @@ def load_params(template, path, meta=None):
 
     def load(key, leaf):
         name = jax.tree_util.keystr(key, simple=True, separator="/")
-        if name not in stored or stored[name].shape != leaf.shape:
-            fail(f"--load-model {path}: parameter {name} is missing or shaped differently; "
-                 + hint)
-        if stored[name].dtype.kind != "f":
-            fail(f"--load-model {path}: parameter {name} holds {stored[name].dtype}, not finite "
-                 "floats")
-        if not np.isfinite(stored[name]).all():  # else the loss, and a --learning-rate hint
-            fail(f"--load-model {path}: parameter {name} holds NaN or inf")
-        return jnp.asarray(stored[name], leaf.dtype)
+        value = stored.get(name)
+        wrong = ("is missing or shaped differently; " + hint
+                 if value is None or value.shape != leaf.shape
+                 else f"holds {value.dtype}, not finite floats" if value.dtype.kind != "f"
+                 else "holds NaN or inf" if not np.isfinite(value).all() else None)
+        if wrong:  # NaN too: else the loss would fail later, with a --learning-rate hint
+            fail(f"--load-model {path}: parameter {name} {wrong}")
+        return jnp.asarray(value, leaf.dtype)
 
     return jax.tree_util.tree_map_with_path(load, template)
+
+# ==== end shared: tape, loss, training, plumbing ====
+
+
+# The memory's flags (make_parser adds them) and their cross-checks (parse_args runs them).
+def add_model_flags(parser):
+    g = parser.add_argument_group("FFM model")
+    g.add_argument("--hidden-size", type=POSITIVE_INT, default=256,
+                   help="width of the embedding, the FFM output and the Q head")
+    g.add_argument("--trace-size", type=POSITIVE_INT, default=64,
+                   help="FFM trace size m: number of decaying memory traces")
+    g.add_argument("--context-size", type=POSITIVE_INT, default=4,
+                   help="FFM context size c: oscillation frequencies per trace")
+    g.add_argument("--min-period", type=POSITIVE_FLOAT, default=1.0,
+                   help="shortest oscillation period (steps) of the initial frequencies (1: a "
+                   "column that does not oscillate; 2: the fastest that does)")
+    g.add_argument("--max-period", type=POSITIVE_FLOAT, default=1024.0,
+                   help="longest oscillation period (steps) of the initial frequencies")
+
+
+def check_model_flags(args):
+    if args.min_period > args.max_period:
+        fail("--min-period must not exceed --max-period")
 
 
 if __name__ == "__main__":
     train(parse_args())
-# ==== end shared: tape, loss, training, plumbing ====

@@ -1168,6 +1168,20 @@ def test_shared_blocks_are_identical_across_scripts(script):
         assert blocks[name] == text, f"{script}: shared block {name!r} drifted from ffm_tbb_dqn.py"
 
 
+@pytest.mark.parametrize("script", TBB_SCRIPTS.values())
+def test_the_method_comes_first_and_the_plumbing_below_its_marker(script):
+    """The docstring's promise: sections (1)-(5) hold the method; the checks, the command line,
+    the outputs and the memory's flags all follow the one plumbing marker."""
+    with open(os.path.join(HERE, script)) as f:
+        text = f.read()
+    method, plumbing = text.split("# ==== Plumbing: not needed to follow the method ====")
+    method = method.split("import optax")[1]  # after the imports and the early Ctrl-C handler
+    for word in ("fail(", "argparse", "add_argument", "print(", "sys.", "os.", "open(", "signal"):
+        assert word not in method, f"{script}: {word!r} above the plumbing marker"
+    for name in ("def make_parser", "def add_model_flags", "def check_model_flags", "def fail"):
+        assert name in plumbing, f"{script}: {name} is not below the plumbing marker"
+
+
 def not_an_npz(tmp_path):
     path = tmp_path / "passwd"
     path.write_text("root:x:0:0:root:/root:/bin/bash\n")
@@ -2527,8 +2541,8 @@ def test_a_full_disk_leaves_whole_metrics_rows(tmp_path):
         sys.path.insert(0, {HERE!r})
         import ffm_tbb_dqn as ffm
         run_dir, log = ffm.start_run(ffm.parse_args(["--output-dir", {str(tmp_path)!r}]))
-        row = dict(global_step=100, episodes=1, updates=0, train_return=0.5, eval_return=0.5,
-                   td_loss=0.1, q_values=0.2, density=1.0, epsilon=1.0)
+        row = dict(step=100, episodes=1, updates=0, returns=[0.5], eval_return=0.5, epsilon=1.0,
+                   metrics=[dict(td_loss=0.1, q_values=0.2, density=1.0)])
         log(**row)
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # then a write past the limit fails
         size = os.path.getsize(os.path.join(run_dir, "metrics.csv"))
@@ -2548,8 +2562,7 @@ def test_a_full_disk_leaves_whole_metrics_rows(tmp_path):
 def test_progress_line_says_dash_before_there_is_anything_to_show(tmp_path, capsys):
     _, log = ffm.start_run(ffm.parse_args(["--output-dir", str(tmp_path)]))
     nan = float("nan")
-    log(global_step=100, episodes=0, updates=0, train_return=nan, eval_return=nan, td_loss=nan,
-        q_values=nan, density=nan, epsilon=1.0)
+    log(step=100, episodes=0, updates=0, returns=[], eval_return=nan, epsilon=1.0, metrics=[])
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert "nan" not in line and "train return   -    | eval return   -    | loss    -" in line
 
