@@ -270,7 +270,8 @@ def q_step(params, carry, obs, start):
 # (3) The tape (paper Sec. 4.2): one flat ring of transitions on the device. Episodes are
 # stored whole and contiguously (modulo the ring), oldest first; adding one evicts the oldest
 # *whole* episodes until it fits, so no stored episode is ever partly overwritten. A second
-# ring lists where each stored episode starts: all that sampling and eviction need.
+# ring lists where each stored episode starts: with the lengths, all that sampling and eviction
+# need.
 class Transition(NamedTuple):
     """One step; the tape holds each field as a column with a leading [N] axis."""
     obs: jax.Array  # [obs_dim] float32
@@ -278,7 +279,7 @@ class Transition(NamedTuple):
     reward: jax.Array  # [] float32
     next_obs: jax.Array  # [obs_dim] float32: the true next observation, at the end too
     terminated: jax.Array  # [] bool: the episode ended here, so no bootstrap
-    truncated: jax.Array  # [] bool: the episode was cut here; bootstrap from next_obs
+    truncated: jax.Array  # [] bool: cut here (unread: only `terminated` stops the bootstrap)
 
 
 def zero_transitions(shape, obs_dim, zeros=jnp.zeros):
@@ -423,7 +424,7 @@ def epsilon_at(step, args):
         return 1.0
     duration = args.exploration_fraction * max(args.total_timesteps - args.learning_starts, 1)
     progress = (step - args.learning_starts) / duration
-    return max(args.end_e, args.start_e + (args.end_e - args.start_e) * progress)
+    return args.end_e if progress >= 1 else args.start_e + (args.end_e - args.start_e) * progress
 
 
 def train(args):
@@ -502,7 +503,6 @@ def set_up(args, init_key):
     check_sizes(args, cap)
     probe = make_env()  # one env for the sizes: nothing large is made before the checks
     obs_dim, num_actions = probe.observation_space.shape[0], int(probe.action_space.n)
-    # auto: n ops in n steps (lax.scan) win on a CPU, ~2n ops in O(log n) depth on a GPU/TPU
     auto = "sequential" if jax.default_backend() == "cpu" else "associative"
     scan = auto if args.scan == "auto" else args.scan
     init = lambda k: init_params(k, obs_dim, num_actions, args)  # noqa: E731
@@ -541,7 +541,8 @@ def finish(args, run, params, step, interrupted):
 def stops_cleanly():
     """Yields `stop`, which SIGINT (Ctrl-C) or SIGTERM fills: train() then ends after the step
     as if finished (last metrics row, params.npz, plot) and exits 130 itself, so that a caller
-    of several runs (vml_analysis.py) stops too. A second signal, or out of memory: one line."""
+    of several runs (vml_analysis.py) stops too. A second signal stops at once (a second Ctrl-C
+    with exit_at_once's line, or here if imported); out of memory: one line."""
     stop = []
 
     def on_signal(signum, frame):
@@ -552,9 +553,9 @@ def stops_cleanly():
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM) if main}
     try:
         yield stop
-    except KeyboardInterrupt:  # a second Ctrl-C
+    except KeyboardInterrupt:  # a second Ctrl-C where train() was imported (no exit_at_once)
         fail("interrupted", code=130)
-    except (MemoryError, ValueError, jax.errors.JaxRuntimeError) as e:  # ValueError: a CPU's
+    except (MemoryError, ValueError, jax.errors.JaxRuntimeError) as e:  # a CPU's: ValueError
         if isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e):
             fail(f"out of memory ({(str(e) or 'MemoryError').splitlines()[0][:200]}); try a "
                  "smaller --batch-size, --buffer-size or --num-envs", code=1)
@@ -572,14 +573,14 @@ def check_sizes(args, cap):
                  f"episode of {args.env_id} ({cap} steps)")
 
 
-def check_memory(args, cap, obs_dim, params):
+def check_memory(args, cap, obs_dim, shapes):
     """Refuse, before anything is allocated, sizes that cannot fit in memory (the device's; a
     CPU's: the RAM). Counted from below: the tape as init_tape shapes it; a batch step holds a
     step (2 observations, 4 scalars, 2 ints) and a prefix state per o_t, o_t+1 and network; an
     env its state in and out and its episode so far."""
     bytes_of = lambda make, *shapes: sum(x.size * x.dtype.itemsize  # noqa: E731  (made: none)
                                          for x in jax.tree.leaves(jax.eval_shape(make, *shapes)))
-    step_bytes, carry_bytes = 8 * obs_dim + 18, bytes_of(lambda p: initial_carry(p, 1), params)
+    step_bytes, carry_bytes = 8 * obs_dim + 18, bytes_of(lambda p: initial_carry(p, 1), shapes)
     needs = {"--buffer-size": bytes_of(lambda: init_tape(args.buffer_size, obs_dim)),
              "--batch-size": args.batch_size * (step_bytes + 4 * carry_bytes),
              "--num-envs": args.num_envs * (2 * carry_bytes + cap * step_bytes),
@@ -792,8 +793,9 @@ def start_run(args, **extra):
     def write_row(row):  # in one write; a row the disk takes part of is cut off again
         text, written = io.StringIO(), file.tell()
         csv.DictWriter(text, fields).writerow(row)
+        data = text.getvalue().encode()
         try:
-            error = None if file.write(text.getvalue().encode()) == text.tell() else "disk full"
+            error = None if file.write(data) == len(data) else "disk full"
         except OSError as e:
             error = e.strerror
         if error:
@@ -841,7 +843,7 @@ def plot_learning_curve(run_dir, title):
     ax.plot([int(r["global_step"]) for r in rows], [float(r["eval_return"]) for r in rows], "o-")
     ax.set(xlabel="environment steps", ylabel="mean greedy eval return", title=title)
     ax.grid(alpha=0.3)
-    fig.savefig(os.path.join(run_dir, "learning_curve.png"), dpi=120)  # not read back: direct
+    fig.savefig(os.path.join(run_dir, "learning_curve.png"), dpi=120)  # never read: not atomic
     plt.close(fig)
 
 

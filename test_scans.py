@@ -2559,6 +2559,19 @@ def test_a_full_disk_leaves_whole_metrics_rows(tmp_path):
     assert len(rows) == 2 and [len(r) for r in rows] == [11, 11]
 
 
+@pytest.mark.parametrize("start_e, end_e", [(0.2, 0.01), (0.05, 0.5), (1.0, 1.0)])
+def test_epsilon_is_one_then_linear_from_start_to_end(start_e, end_e):
+    """epsilon_at's docstring: 1 before --learning-starts, then a straight line from --start-e
+    to --end-e over --exploration-fraction of the remaining steps, then --end-e (either way)."""
+    args = ffm.parse_args(["--total-timesteps", "1000", "--learning-starts", "200",
+                           "--exploration-fraction", "0.5", "--start-e", str(start_e),
+                           "--end-e", str(end_e)])
+    for step in range(0, 1000, 7):
+        expected = (1.0 if step < 200 else end_e if step >= 600
+                    else start_e + (end_e - start_e) * (step - 200) / 400)
+        assert ffm.epsilon_at(step, args) == pytest.approx(expected, abs=1e-12), step
+
+
 def test_progress_line_says_dash_before_there_is_anything_to_show(tmp_path, capsys):
     _, log = ffm.start_run(ffm.parse_args(["--output-dir", str(tmp_path)]))
     nan = float("nan")

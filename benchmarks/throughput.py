@@ -3,6 +3,7 @@
     python benchmarks/throughput.py                   # all models; whole runs for FFM only
     python benchmarks/throughput.py --run-models      # only collection and update timings
     python benchmarks/throughput.py --networks-only   # the default network vs first_network
+    python benchmarks/throughput.py --r2d2-only       # SBB's stored states and burn-in: costs
 
 Prints tables; nothing is asserted. Timings exclude compilation, which is reported apart.
 The whole-run rows call the scripts as subprocesses and read their metrics.csv, so they time
@@ -44,9 +45,10 @@ def median_ms(fn, repeats):
     return 1e3 * float(np.median(times))
 
 
-def filled_tape(mod, capacity, obs_dim, episode_length, seed=0):
+def filled_tape(mod, capacity, obs_dim, episode_length, seed=0, params=None):
     """A full buffer of random episodes of one length (RepeatFirstEasy's 51): a TBB tape, or
-    the segment ring of an SBB script (capacity in slots), through the script's own functions."""
+    the segment ring of an SBB script (capacity in slots), through the script's own functions
+    (`params`: the acting network, which SBB's --stored-state runs over each episode)."""
     rng = np.random.default_rng(seed)
     tape = mod.init_tape(capacity, obs_dim)
     for _ in range(capacity // episode_length):
@@ -55,7 +57,7 @@ def filled_tape(mod, capacity, obs_dim, episode_length, seed=0):
                                  rng.normal(size=episode_length).astype(np.float32),
                                  np.roll(obs, -1, 0), np.arange(episode_length) == episode_length - 1,
                                  np.zeros(episode_length, bool))
-        tape = mod.add_episode(tape, episode, np.int32(episode_length))
+        tape = mod.add_episode(tape, episode, np.int32(episode_length), params)
     return tape
 
 
@@ -65,7 +67,7 @@ def one_update(mod, batch_size, scan, obs_dim, num_actions, episode_length):
     params = mod.init_params(jax.random.PRNGKey(0), obs_dim, num_actions, args)
     optimizer = mod.make_optimizer(args)
     state = mod.TrainState(params, jax.tree.map(jnp.copy, params), optimizer.init(params))
-    tape = filled_tape(mod, max(4 * batch_size, 20_000), obs_dim, episode_length)
+    tape = filled_tape(mod, max(4 * batch_size, 20_000), obs_dim, episode_length, params=params)
     return mod.make_train_phase(optimizer, args, scan), state, tape
 
 
@@ -129,6 +131,45 @@ def print_sbb_update_timings(models, batch_sizes, segment_lengths, scans, repeat
                   f"{compile_s:>11.1f}{density:>9.3f}{expected:>10.3f}", flush=True)
 
 
+def r2d2_costs(memory, batch_size, segment_lengths, repeats, obs_dim=10, num_actions=4,
+               episode_length=51):
+    """What R2D2's pieces cost at equal slots (issue 37): TBB, and SBB from the identity, from
+    stored states, and from stored states after a burn-in of N = L steps. Per variant: ms per
+    update, ms to store one episode (stored states are computed then, by the acting network),
+    bytes kept per segment for its state, and the share of slots trained on (measured)."""
+    sbb = importlib.import_module("sbb_baseline_dqn")
+    scan = "sequential" if jax.default_backend() == "cpu" else "associative"  # --scan auto
+    variants = {"TBB": importlib.import_module(MODELS[memory])}
+    for L in segment_lengths:
+        for name, flags in (("", []), (" stored", ["--stored-state"]),
+                            (" stored + burn-in", ["--stored-state", "--burn-in", str(L)])):
+            args = sbb.parse_args(["--memory", memory, "--segment-length", str(L), *flags])
+            variants[f"SBB L={L}{name}"] = sbb.segment_script(memory, L, args)
+    print(f"\nR2D2's costs at B = {batch_size} slots ({memory}, {scan} scan, {episode_length}-step"
+          f" episodes), median ms of {repeats}")
+    print(f"{'variant':<28}{'ms/update':>10}{'ms/episode stored':>19}{'state bytes':>13}"
+          f"{'trained share':>15}")
+    for name, mod in variants.items():
+        (_, _, ms, _, density), = update_timings(mod, [batch_size], (scan,), repeats, obs_dim,
+                                                  num_actions, episode_length)
+        params = mod.init_params(jax.random.PRNGKey(0), obs_dim, num_actions, mod.parse_args([]))
+        tape = filled_tape(mod, 20_000, obs_dim, episode_length, params=params)
+        episode = jax.tree.map(lambda x: x[:episode_length], mod.zero_transitions(
+            (episode_length,), obs_dim, np.zeros))
+
+        def store():
+            nonlocal tape
+            tape = mod.add_episode(tape, episode, np.int32(episode_length), params)
+            return tape
+
+        store()  # compiled apart
+        stored = "stored" in name
+        state = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(
+            jax.eval_shape(lambda p: mod.initial_carry(p, 1), params))) if stored else 0
+        print(f"{name:<28}{ms:>10.1f}{median_ms(store, repeats):>19.2f}{state:>13,d}"
+              f"{density:>15.3f}", flush=True)
+
+
 def run_script(script, flags):
     """Run a script to completion; return its metrics rows and peak RSS (MiB)."""
     with tempfile.TemporaryDirectory() as out:
@@ -166,6 +207,8 @@ def main(argv=None):
                         "give the flag alone to skip them")
     p.add_argument("--networks-only", action="store_true",
                    help="only the update time of the default network against first_network")
+    p.add_argument("--r2d2-only", action="store_true", help="only the costs of SBB's stored "
+                   "states and burn-in (FFM, B = 1000, L = 10 and 50)")
     args = p.parse_args(argv)
     if args.collect_steps < 64 * 51:  # the runs' progress lines come every --collect-steps // 5
         fail(f"--collect-steps must be at least {64 * 51:,d} (64 envs, 51-step episodes), got "
@@ -173,6 +216,8 @@ def main(argv=None):
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, {os.cpu_count()} CPU cores")
     if args.networks_only:
         return network_update_times(args.models, args.repeats)
+    if args.r2d2_only:
+        return r2d2_costs("ffm", 1000, (10, 50), args.repeats)
 
     present = {m: s for m, s in MODELS.items()
                if m in args.models and os.path.exists(os.path.join(ROOT, s + ".py"))}
