@@ -2210,7 +2210,7 @@ def fake_course_curve(returns):
 
 
 def test_reproduce_course_table_and_figure(tmp_path, capsys):
-    """Every course cell has its four rows, "no run kept" where the CSV has none; the figure has
+    """Every course cell has its two rows, "no run kept" where the CSV has none; the figure has
     a panel only for cells with runs; --variant picks the rows of our batchings only; every
     file written is named."""
     rep = load_reproduce()
@@ -2242,15 +2242,13 @@ def test_reproduce_course_table_and_figure(tmp_path, capsys):
     # a CSV without settings (kept before they were recorded) is drawn, and said to be unchecked
     assert err.startswith("note: 5 of the runs asked for were kept before settings were recorded")
     lines = (tmp_path / "t.md").read_text().splitlines()
-    assert len(lines) == 2 + 4 * len(rep.COURSE_CELLS)
+    assert len(lines) == 2 + 2 * len(rep.COURSE_CELLS) and len(rep.COURSE_CELLS) == 12
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in lines[2:]]
-    assert rows[0][:3] == ["RepeatFirstEasy, FFM", "ours: final eval, mean (95% CI)",
-                           "+1.00 (+1.00, +1.00)"]
-    assert rows[0][3:] == ["+0.30 (1 seed)", "no run kept", "no run kept"]
-    assert rows[1][2:4] == ["11, 11, 11", "never"]
-    assert rows[2][2:4] == ["+1.00; 11", "no run kept"]
-    assert rows[3][2:4] == ["~1.0", "~0.9"]  # the paper's Fig. 3
-    assert all(r[2:] == ["no run kept"] * 4 for r in rows[4::4])  # no other cell has runs
+    assert rows[0][:3] == ["RepeatFirstEasy, FFM", "ours: final eval (95% CI); updates to 0.9",
+                           "+1.00 (+1.00, +1.00); 11, 11, 11"]
+    assert rows[0][3:] == ["+0.30 (1 seed); never", "no run kept", "no run kept"]
+    assert rows[1][2:4] == ["+1.00; 11 / ~1.0", "no run kept / ~0.9"]  # code here / Fig. 3
+    assert all(r[2:] == ["no run kept"] * 4 for r in rows[2::2])  # no other cell has runs
     kept = rep.kept_curves(str(path))
     assert rep.course_figure(rep.asked_curves(kept, args)[0], args, str(tmp_path / "g.png")) == [
         ("RepeatFirstEasy", "ffm")]  # one panel: no empty ones
@@ -2258,9 +2256,10 @@ def test_reproduce_course_table_and_figure(tmp_path, capsys):
     rows = [[c.strip() for c in line.split("|")[1:-1]]
             for line in rep.course_table(rep.asked_curves(kept, variant)[0],
                                          variant).splitlines()[2:]]
-    assert rows[0][2:] == ["no run kept"] * 4 and rows[2][2] == "+1.00; 11"  # the paper's stays
-    count_recall = 4 * rep.COURSE_CELLS.index(("CountRecallEasy", "ffm"))
-    assert rows[count_recall][2:] == ["no run kept", "no run kept", "-0.90 (1 seed)", "no run kept"]
+    assert rows[0][2:] == ["no run kept"] * 4 and rows[1][2] == "+1.00; 11 / ~1.0"  # the paper's
+    count_recall = 2 * rep.COURSE_CELLS.index(("CountRecallEasy", "ffm"))
+    assert rows[count_recall][2:] == ["no run kept", "no run kept", "-0.90 (1 seed); never",
+                                      "no run kept"]
 
 
 def test_reproduce_plot_only_names_what_is_missing(tmp_path, capsys):

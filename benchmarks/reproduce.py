@@ -583,11 +583,8 @@ def summarise_batchings(curves, args):
     return [args.figure, args.table]
 
 
-# README section 5: the cells of the paper's Fig. 3 that we ran at its recipe, and its batchings.
-COURSE_CELLS = (("RepeatFirstEasy", "ffm"), ("RepeatFirstEasy", "lru"),
-                ("RepeatFirstEasy", "linear_transformer"), ("RepeatPrevious2x10", "ffm"),
-                ("RepeatPrevious2x10", "lru"), ("CountRecallEasy", "ffm"),
-                ("PositionOnlyCartPoleEasy", "ffm"))
+# README section 5: the 12 cells of the paper's Fig. 3, at its recipe, and its batchings.
+COURSE_CELLS = tuple((task, model) for task in PAPER_TASKS for model in TBB_SCRIPTS)
 COURSE_BATCHINGS = ("tbb", "sbb10", "sbb50", "sbb100")
 COURSE_SMOOTHING = 21  # evaluations in the course figure's moving mean (210 updates)
 MODEL_NAMES = {"ffm": "FFM", "lru": "LRU", "linear_transformer": "linear transformer"}
@@ -615,10 +612,11 @@ def batching_name(batching):
 
 
 def course_table(curves, args):
-    """README section 5's table, as markdown: for each cell, our final eval (mean over seeds,
-    95% bootstrap interval) and updates to the first eval >= 0.9 per seed, the paper's code
-    run here (final eval; updates to 0.9) and the paper's Fig. 3, for TBB and SBB at each L.
-    A batching without finished runs says so; every cell of COURSE_CELLS has its rows."""
+    """README section 5's table, as markdown, two rows per cell: our final eval (mean over
+    seeds, 95% bootstrap interval) and each seed's updates to the first eval >= 0.9; then the
+    paper's code run here (final eval; updates to 0.9) and the paper's Fig. 3, for TBB and SBB
+    at each L. A batching without finished runs says so; every cell of COURSE_CELLS has its
+    rows."""
     def updates(runs):
         reached = [first_reaching(c, 0.9) for c in runs]
         return "never" if set(reached) == {"never"} else ", ".join(reached)
@@ -626,29 +624,27 @@ def course_table(curves, args):
     lines = ["| cell of Fig. 3 | row | " + " | ".join(map(batching_name, COURSE_BATCHINGS))
              + " |", "|---" * (2 + len(COURSE_BATCHINGS)) + "|"]
     for task, model in course_cells(args):
-        final, reach, code, figure = [], [], [], []
+        ours_row, paper_row = [], []
         paper = PAPER_FIG3.get((task, model), {})
         for b in COURSE_BATCHINGS:
             runs = finished_curves(curves, task, model, ours(b, args), args)
             if runs:
                 last = np.array([c["eval_return"][-1] for c in runs])
                 mean, low, high = bootstrap_ci(last, np.random.default_rng(0))
-                final.append(f"{mean:+.2f} ({low:+.2f}, {high:+.2f})" if len(runs) == args.seeds
-                             else f"{mean:+.2f} ({len(runs)} seed{'s' * (len(runs) > 1)})")
-                reach.append(updates(runs))
+                ours_row.append(f"{mean:+.2f} ({low:+.2f}, {high:+.2f})" if len(runs) == args.seeds
+                                else f"{mean:+.2f} ({len(runs)} seed{'s' * (len(runs) > 1)})")
+                ours_row[-1] += f"; {updates(runs)}"
             else:
-                final.append("no run kept")
-                reach.append("")
+                ours_row.append("no run kept")
             runs = finished_curves(curves, task, model, f"paper-{b}", args)
             mean = np.mean([c["eval_return"][-1] for c in runs]) if runs else 0.0
-            code.append(f"{mean:+.2f}{f' (mean of {len(runs)})' * (len(runs) > 1)}; "
-                        f"{updates(runs)}" if runs else "no run kept")
-            figure.append(paper.get(b, paper.get("sbb" if b != "tbb" else "", "")))
+            code = (f"{mean:+.2f}{f' (mean of {len(runs)})' * (len(runs) > 1)}; "
+                    f"{updates(runs)}" if runs else "no run kept")
+            figure = paper.get(b, paper.get("sbb" if b != "tbb" else "", "not read"))
+            paper_row.append(f"{code} / {figure}")
         name = f"{task}, {MODEL_NAMES[model]}"
-        for label, row in (("ours: final eval, mean (95% CI)", final),
-                           ("ours: updates to the first eval >= 0.9", reach),
-                           ("the paper's code here: final eval; updates to 0.9", code),
-                           ("the paper's Fig. 3, by eye (best so far)", figure)):
+        for label, row in (("ours: final eval (95% CI); updates to 0.9", ours_row),
+                           ("paper's code here (final; updates to 0.9) / Fig. 3", paper_row)):
             lines.append(f"| {name} | {label} | " + " | ".join(row) + " |")
             name = ""
     return "\n".join(lines) + "\n"
