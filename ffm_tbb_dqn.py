@@ -212,7 +212,7 @@ def output_map(params, state, x):
 
 
 def q_tape(params, obs, next_obs, start, scan):
-    """Q(o_0..o_t) and Q(o_0..o_t, o_t+1) for every step t of a tape, each [B, actions].
+    """Q(o_0..o_t) and Q(o_0..o_t, o_t+1) at every step t of a tape of B steps: [B, actions].
 
     One scan gives every prefix state; the second output combines the prefix state after o_t
     with the element of o_t+1 (one more op), so the target's memory sees the whole episode.

@@ -55,8 +55,9 @@ import optax  # noqa: E402
 #
 # An LRU keeps N complex states h_t = lambda * h_{t-1} + gamma * (B u_t), a diagonal linear
 # recurrence with a learned lambda = exp(-exp(nu) + i exp(theta)), so |lambda| = exp(-exp(nu))
-# < 1 for every nu: stable by construction. As a monoid over elements (A, h) -- the decay
-# accumulated over a span and the state the span produces from a zero start --
+# < 1 for every nu (in exact arithmetic): stable by construction. As a monoid over elements
+# (A, h) -- the decay accumulated over a span and the state the span produces from a zero
+# start --
 #
 #     (A_a, h_a) • (A_b, h_b) = (A_b A_a,  A_b h_a + h_b),     identity e = (1, 0).
 #
@@ -190,7 +191,7 @@ def init_lru_block(key, width, n, args):
         "nu_log": jnp.log(-0.5 * jnp.log(radius_sq)),
         "theta_log": jnp.log(max_phase * u_phase),
         # The LRU paper's input gain gamma (no discount) = sqrt(1 - |lambda|^2) keeps the state
-        # as large as the input whatever the radius; it is then learned, as in that paper.
+        # as large as a white-noise input whatever the radius; then learned, as in that paper.
         "gamma_log": 0.5 * jnp.log1p(-radius_sq),
         "B": jax.random.normal(k[1], (width, 2 * n)) / np.sqrt(2 * width),
         "C": jax.random.normal(k[2], (2 * n, width)) / np.sqrt(n),
@@ -228,7 +229,7 @@ def output_map(p, state, x, u):
 
 
 def q_tape(params, obs, next_obs, start, scan):
-    """Q(o_0..o_t) and Q(o_0..o_t, o_t+1) for every step t of a tape, each [B, actions].
+    """Q(o_0..o_t) and Q(o_0..o_t, o_t+1) at every step t of a tape of B steps: [B, actions].
 
     One scan per block gives every prefix state; in every block the second path combines the
     prefix state after o_t with the element of o_t+1 (one more op) and feeds the next block's
@@ -931,8 +932,8 @@ def add_model_flags(parser):
     g.add_argument("--state-size", type=POSITIVE_INT, default=128,
                    help="LRU state size N: complex diagonal states per block")
     g.add_argument("--num-layers", type=POSITIVE_INT, default=2, help="stacked LRU blocks")
-    # The paper code's ring: radii over [0, 1) and phases up to 2 pi, so the states span memories
-    # from one step to ~10,000 at every frequency (README section 5: why not a narrow ring).
+    # The paper code's ring (its r_max 1.0 made 0.9999): radii over [0, 1) and phases up to
+    # 2 pi, so the states span memories from one step to ~10,000 at every frequency.
     g.add_argument("--r-min", type=float, nargs="+", default=[0.0],
                    help="smallest |lambda| of the ring initialisation (memory ~1/(1-r) steps); "
                         "several values, with as many of --r-max and --max-phase: one ring each")

@@ -6,10 +6,10 @@ batching and nothing else. --memory picks the script (ffm_tbb_dqn.py, lru_tbb_dq
 linear_transformer_tbb_dqn.py); its network, flags, envs, acting, evaluation and outputs are
 used as they are. SBB changes five functions of it (and adds its flags to the parser):
 
-  init_tape    -> a ring of segments: each finished episode is cut into segments of
-                  --segment-length L steps, the last one zero-padded, with a mask of the steps
-                  that are trained on;
-  add_episode  -> store an episode's segments, overwriting the oldest segments;
+  init_tape    -> a ring of segment slots of --segment-length L steps, each with a mask of
+                  the steps that are trained on;
+  add_episode  -> cut a finished episode into segments, the last one zero-padded, and store
+                  them over the oldest segments;
   sample_tape  -> draw --batch-size // L segments uniformly: the slots, padding included, of a
                   TBB tape of --batch-size transitions (where L divides it), so compute per
                   update is equal;
@@ -17,7 +17,8 @@ used as they are. SBB changes five functions of it (and adds its flags to the pa
                   burn-in: a step sees at most the L-1 steps before it in its segment), average
                   the same Huber TD error over real steps only, and log the density
                   (trained steps / slots);
-  check_sizes  -> the ring holds one episode's segments, a batch one segment.
+  check_sizes  -> the ring holds the longest episode's segments (parse_args: a batch holds
+                  one segment).
 
 R2D2's remedies (Kapturowski et al., ICLR 2019), off by default, as the same five functions:
   --stored-state  each segment starts from the memory's state before its first step, computed
@@ -42,8 +43,8 @@ from typing import NamedTuple
 
 
 def exit_at_once(signum, frame):
-    """Ctrl-C before train() takes the signals (while jax loads): stop at once, in one line, as
-    the TBB scripts do (their exit_at_once() tells why)."""
+    """Ctrl-C while jax loads (before train() takes the signals) or a second one: one line,
+    exit 130 at once, as the TBB scripts do (their exit_at_once() tells why)."""
     print(f"{os.path.basename(sys.argv[0])}: error: interrupted", file=sys.stderr)
     os._exit(130)
 
@@ -169,6 +170,11 @@ def q_segments(q_tape, params, batch, scan):
     return jax.vmap(q_tape, in_axes=(None, 0, 0, None, None))(params, obs, next_obs, start, scan)
 
 
+def flat(x):
+    """[A, C, ...] -> [A C, ...]: the two leading axes (segments and slots) as one."""
+    return x.reshape((-1,) + x.shape[2:])
+
+
 def q_stored(q_step, params, batch, scan=None):
     """--stored-state: Q(o_j..o_t) and Q(o_j..o_t, o_t+1), each [S, W, actions], of every
     segment continued from its stored state (the state before its first slot o_j) by the TBB
@@ -191,7 +197,6 @@ def q_stored(q_step, params, batch, scan=None):
     time_major = lambda x: jnp.swapaxes(x, 0, 1)  # noqa: E731  [S, W, ...] <-> [W, S, ...]
     _, (q, carries) = jax.lax.scan(step, state, (jnp.arange(mask.shape[1]), time_major(steps.obs)))
     # Q(o_j..o_t, o_t+1): one more step from every slot's carry after o_t, all at once
-    flat = lambda x: x.reshape((-1,) + x.shape[2:])  # noqa: E731  [W, S, ...] -> [W S, ...]
     q_next, _ = q_step(params, jax.tree.map(flat, carries), flat(time_major(steps.next_obs)),
                        jnp.zeros(mask.size, bool))
     return time_major(q), time_major(q_next.reshape(q.shape))
@@ -200,7 +205,6 @@ def q_stored(q_step, params, batch, scan=None):
 def taken_q_and_targets(segment_q, params, target_params, batch, gamma, scan):
     """Q of the taken actions, their double-DQN targets and the trained-step mask, each [S W]."""
     steps, mask = batch[:2]
-    flat = lambda x: x.reshape((-1,) + x.shape[2:])  # noqa: E731  [S, W, ...] -> [S W, ...]
     q, q_next_online = map(flat, segment_q(params, batch, scan))
     _, q_next_target = segment_q(target_params, batch, scan)
     target = jax.lax.stop_gradient(td_targets(q_next_online, flat(q_next_target),
@@ -221,37 +225,14 @@ def masked_td_loss(segment_q, params, target_params, batch, gamma, scan):
     q_taken, target, mask = taken_q_and_targets(segment_q, params, target_params, batch, gamma,
                                                 scan)
     trained = jnp.maximum(mask.sum(), 1)
-    # jnp.where, not a product with the mask: a padded step's (finite) error cannot reach the
-    # loss or its gradient, whatever its size
     loss = jnp.where(mask, optax.huber_loss(q_taken, target), 0.0).sum() / trained
     return loss, {"q_values": jnp.where(mask, q_taken, 0.0).sum() / trained,
                   "density": mask.mean()}
 
 
 # =============================================================================================
-# The TBB script with its tape swapped for segments, and its command line with two more flags.
+# The TBB script with its buffer, its loss and its size check swapped for SBB's.
 # =============================================================================================
-def load_script(memory):
-    """A private copy of the TBB script of `memory`: swapping its functions leaves the imported
-    module, and any TBB run in the same process, untouched."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), MEMORIES[memory] + ".py")
-    spec = importlib.util.spec_from_file_location(f"sbb_{memory}", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
-
-
-def check_segment_sizes(args, cap):
-    """SBB's size rule, in place of TBB's (a tape and a batch each hold a whole episode): the
-    ring holds the segments of the longest episode, and a batch one segment (parse_args)."""
-    L = args.segment_length
-    capacity, needed = args.buffer_size // L, -(-cap // L)
-    if capacity < needed:
-        ffm_tbb_dqn.fail(f"--buffer-size {args.buffer_size} holds {capacity} segments of {L} "
-                         f"steps; the longest episode of {args.env_id} ({cap} steps) needs "
-                         f"{needed}")
-
-
 def segment_script(memory, segment_length, args=None):
     """The TBB script of `memory` with Segment-Based Batching at L = `segment_length`, and with
     `args` (parse_args's) its --stored-state and --burn-in."""
@@ -275,6 +256,29 @@ def segment_script(memory, segment_length, args=None):
     return tbb
 
 
+# =============================================================================================
+# ==== Plumbing: not needed to follow the method ====
+def load_script(memory):
+    """A private copy of the TBB script of `memory`: swapping its functions leaves the imported
+    module, and any TBB run in the same process, untouched."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), MEMORIES[memory] + ".py")
+    spec = importlib.util.spec_from_file_location(f"sbb_{memory}", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def check_segment_sizes(args, cap):
+    """SBB's size rule, in place of TBB's (a tape and a batch each hold a whole episode): the
+    ring holds the segments of the longest episode, and a batch one segment (parse_args)."""
+    L = args.segment_length
+    capacity, needed = args.buffer_size // L, -(-cap // L)
+    if capacity < needed:
+        ffm_tbb_dqn.fail(f"--buffer-size {args.buffer_size} holds {capacity} segments of {L} "
+                         f"steps; the longest episode of {args.env_id} ({cap} steps) needs "
+                         f"{needed}")
+
+
 def parse_args(argv=None):
     pre = ffm_tbb_dqn.Parser(add_help=False)
     pre.add_argument("--memory", choices=MEMORIES, default="ffm")
@@ -292,7 +296,7 @@ def parse_args(argv=None):
         g.add_argument("--segment-length", type=int, default=10, help="segment length L")
         g.add_argument("--stored-state", action="store_true", help="start each segment from "
                        "the memory's state before it, computed by the acting network when its "
-                       "episode is stored (R2D2); else from the identity")
+                       "episode is stored (R2D2's remedy); else from the identity")
         g.add_argument("--burn-in", type=tbb.NON_NEGATIVE_INT, default=0, help="N: with "
                        "--stored-state, refresh that state over the up to N steps before each "
                        "segment, which carry no loss")

@@ -1168,17 +1168,20 @@ def test_shared_blocks_are_identical_across_scripts(script):
         assert blocks[name] == text, f"{script}: shared block {name!r} drifted from ffm_tbb_dqn.py"
 
 
-@pytest.mark.parametrize("script", TBB_SCRIPTS.values())
+@pytest.mark.parametrize("script", [*TBB_SCRIPTS.values(), "sbb_baseline_dqn.py"])
 def test_the_method_comes_first_and_the_plumbing_below_its_marker(script):
-    """The docstring's promise: sections (1)-(5) hold the method; the checks, the command line,
-    the outputs and the memory's flags all follow the one plumbing marker."""
+    """The docstrings' promise: the method sections hold the method; the checks, the command
+    line, the outputs and the memory's flags all follow the one plumbing marker."""
     with open(os.path.join(HERE, script)) as f:
         text = f.read()
     method, plumbing = text.split("# ==== Plumbing: not needed to follow the method ====")
     method = method.split("import optax")[1]  # after the imports and the early Ctrl-C handler
     for word in ("fail(", "argparse", "add_argument", "print(", "sys.", "os.", "open(", "signal"):
         assert word not in method, f"{script}: {word!r} above the plumbing marker"
-    for name in ("def make_parser", "def add_model_flags", "def check_model_flags", "def fail"):
+    names = (("def parse_args", "def load_script", "def check_segment_sizes")
+             if script.startswith("sbb") else
+             ("def make_parser", "def add_model_flags", "def check_model_flags", "def fail"))
+    for name in names:
         assert name in plumbing, f"{script}: {name} is not below the plumbing marker"
 
 
