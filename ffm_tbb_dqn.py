@@ -20,7 +20,6 @@ The text between "# ==== shared" markers is the same in all three TBB scripts (a
 import argparse
 import csv
 import difflib
-import io
 import json
 import os
 import signal
@@ -34,8 +33,7 @@ from typing import NamedTuple
 
 
 def exit_at_once(signum, frame):
-    """Ctrl-C while jax loads (before train() takes the signals) or a second one: one line, exit
-    130 at once (a KeyboardInterrupt is a traceback, or lost in a callback of jax's)."""
+    """Ctrl-C while jax loads, or a second one: one line and exit 130, not a jax traceback."""
     print(f"{os.path.basename(sys.argv[0])}: error: interrupted", file=sys.stderr)
     os._exit(130)
 
@@ -242,8 +240,7 @@ def q_step(params, carry, obs, start):
 # (3) The tape (paper Sec. 4.2): one flat ring of transitions on the device. Episodes are
 # stored whole and contiguously (modulo the ring), oldest first; adding one evicts the oldest
 # *whole* episodes until it fits, so no stored episode is ever partly overwritten. A second
-# ring lists where each stored episode starts: with the lengths, all that sampling and eviction
-# need.
+# ring lists where each stored episode starts: with the lengths, all sampling and eviction need.
 class Transition(NamedTuple):
     """One step; the tape holds each field as a column with a leading [N] axis."""
     obs: jax.Array  # [obs_dim] float32
@@ -337,8 +334,7 @@ def td_loss(params, target_params, batch, gamma, scan):
     target = jax.lax.stop_gradient(td_targets(q_next_online, q_next_target, steps.reward,
                                               steps.terminated, gamma))
     q_taken = jnp.take_along_axis(q, steps.action[:, None], axis=-1)[:, 0]
-    # density: the share of the B slots that hold real steps. 1 on a tape; the loss that
-    # sbb_baseline_dqn.py swaps in reports less, for its padding.
+    # density: the share of the B slots holding real steps; 1 on a tape, less in SBB's loss.
     return optax.huber_loss(q_taken, target).mean(), {"q_values": q_taken.mean(),
                                                        "density": jnp.float32(1.0)}
 
@@ -402,8 +398,7 @@ def epsilon_at(step, args):
 def train(args):
     """The algorithm box: act in all envs with the recurrent policy, put every finished
     episode on the tape whole, every --train-frequency steps run one train phase, and evaluate
-    the greedy policy every --eval-every steps. Setup (checks, params, envs, run folder) and
-    teardown (saving, the plot) are plumbing, below the marker."""
+    the greedy policy every --eval-every steps. Setup and teardown: plumbing, below the marker."""
     with stops_cleanly() as stop:  # Ctrl-C or SIGTERM fills `stop`: the run ends after a step
         key, init_key, act_key = jax.random.split(jax.random.PRNGKey(args.seed), 3)
         run = set_up(args, init_key)  # params: init_params(init_key, ...), or --load-model's
@@ -512,9 +507,8 @@ def finish(args, run, params, step, interrupted):
 @contextmanager
 def stops_cleanly():
     """Yields `stop`, which SIGINT (Ctrl-C) or SIGTERM fills: train() then ends after the step
-    as if finished (last metrics row, params.npz, plot) and exits 130 itself, so that a caller
-    of several runs (vml_analysis.py) stops too. A second signal stops at once (a second Ctrl-C
-    with exit_at_once's line, or here if imported); out of memory: one line."""
+    as if finished and exits 130, so a caller of several runs (vml_analysis.py) stops too. A
+    second signal stops at once; out of memory: one line."""
     stop = []
 
     def on_signal(signum, frame):
@@ -546,10 +540,9 @@ def check_sizes(args, cap):
 
 
 def check_memory(args, cap, obs_dim, shapes):
-    """Refuse, before anything is allocated, sizes that cannot fit in memory (the device's; a
-    CPU's: the RAM). Counted from below: the tape as init_tape shapes it; a batch step holds a
-    step (2 observations, 4 scalars, 2 ints) and a prefix state per o_t, o_t+1 and network; an
-    env its state in and out and its episode so far."""
+    """Refuse, before anything is allocated, sizes that cannot fit in the device's memory (a
+    CPU's: the RAM), counted from below: the tape; per batch step a transition (2 observations,
+    4 scalars, 2 ints) and 4 prefix states; per env 2 states and its episode so far."""
     bytes_of = lambda make, *shapes: sum(x.size * x.dtype.itemsize  # noqa: E731  (made: none)
                                          for x in jax.tree.leaves(jax.eval_shape(make, *shapes)))
     step_bytes, carry_bytes = 8 * obs_dim + 18, bytes_of(lambda p: initial_carry(p, 1), shapes)
@@ -566,8 +559,7 @@ def check_memory(args, cap, obs_dim, shapes):
              f"GiB, and there are {limit / 2**30:,.1f} GiB")
 
 
-# Command line: every hyperparameter is a flag, range-checked where it is declared (or in
-# parse_args); bad input stops the run with one line on stderr and exit code 2, as argparse.
+# Command line: every hyperparameter is a flag, checked where declared (or in parse_args).
 def fail(message, code=2):
     """Stop with one line on stderr: code 2 for bad input, 1 for a run that failed."""
     message = " ".join(message.split())  # one line, even where it quotes a library's error
@@ -659,10 +651,9 @@ def parse_args(argv=None):
     return args
 
 
-# Environments. POPGym envs get popgym's wrappers, so that every discrete-action env gives a
-# flat observation, its discrete parts one-hot (with an is-first-step flag, and the previous
-# action where the env needs it), and one Discrete action; a TimeLimit at the cap makes the
-# cap a guarantee.
+# Environments. POPGym envs get popgym's wrappers: a flat observation, its discrete parts
+# one-hot (with an is-first-step flag, and the previous action where the env needs it), one
+# Discrete action; a TimeLimit at the cap makes the cap a guarantee.
 def resolve_env(env_id, max_episode_steps=0, env_kwargs=None, prev_action="auto"):
     """-> (make_env, cap): a function that builds one wrapped env, and the longest episode."""
     import gymnasium as gym
@@ -728,9 +719,8 @@ def evaluate(params, eval_envs, num_episodes):
     obs, _ = eval_envs.reset()
     carry, start = initial_carry(params, num_episodes), np.ones(num_episodes, bool)
     returns, running = np.zeros(num_episodes), np.ones(num_episodes, bool)
-    key = jax.random.PRNGKey(0)  # unused at epsilon 0
     while running.any():
-        actions, carry = act(params, carry, obs, start, 0.0, key, 0)
+        actions, carry = act(params, carry, obs, start, 0.0, jax.random.PRNGKey(0), 0)  # greedy
         obs, reward, terminated, truncated, _ = eval_envs.step(np.asarray(actions))
         returns += reward * running
         start = terminated | truncated
@@ -739,9 +729,8 @@ def evaluate(params, eval_envs, num_episodes):
 
 
 def start_run(args, **extra):
-    """Make <output-dir>/<env>__<exp-name>__<seed>__<time>/ with args.json (later also
-    learning_curve.png and, with --save-model, params.npz). -> (folder, log), where log(...)
-    writes a metrics.csv row and prints a progress line."""
+    """Make <output-dir>/<env>__<exp-name>__<seed>__<time>/ with args.json. -> (folder, log),
+    where log(...) writes a metrics.csv row and prints a progress line."""
     env = args.env_id + "".join(f"-{k}{v}" for k, v in args.env_kwargs.items())
     while True:
         run_name = f"{env}__{args.exp_name}__{args.seed}__{int(time.time())}"
@@ -763,9 +752,7 @@ def start_run(args, **extra):
     file, t0 = open(path, "wb", buffering=0), time.time()  # unbuffered: one write per row
 
     def write_row(row):  # in one write; a row the disk takes part of is cut off again
-        text, written = io.StringIO(), file.tell()
-        csv.DictWriter(text, fields).writerow(row)
-        data = text.getvalue().encode()
+        data, written = (",".join(str(row[f]) for f in fields) + "\n").encode(), file.tell()
         try:
             error = None if file.write(data) == len(data) else "disk full"
         except OSError as e:
@@ -805,23 +792,21 @@ def start_run(args, **extra):
 
 
 def plot_learning_curve(run_dir, title):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no figure left open
 
     with open(os.path.join(run_dir, "metrics.csv")) as f:
         rows = [r for r in csv.DictReader(f) if r["eval_return"] != "nan"]
-    fig, ax = plt.subplots(figsize=(6, 4), layout="tight")
+    fig = Figure(figsize=(6, 4), layout="tight")
+    ax = fig.add_subplot()
     ax.plot([int(r["global_step"]) for r in rows], [float(r["eval_return"]) for r in rows], "o-")
     ax.set(xlabel="environment steps", ylabel="mean greedy eval return", title=title)
     ax.grid(alpha=0.3)
     fig.savefig(os.path.join(run_dir, "learning_curve.png"), dpi=120)  # never read: not atomic
-    plt.close(fig)
 
 
 def atomic_write(path, write):
-    """write(file) to a temporary file, then renamed: a crash or a full disk leaves the old
-    file or none at `path`, never half of one (that --load-model would read). Fails in one line."""
+    """write(file) to `path`.part, then renamed: a crash or a full disk never leaves half a file
+    at `path` (that --load-model would read). Fails in one line."""
     try:
         with open(f"{path}.part", "wb") as f:
             write(f)
@@ -833,14 +818,14 @@ def atomic_write(path, write):
             os.remove(f"{path}.part")
 
 
-# A checkpoint says what it is (in its __meta__ entry), so that --load-model can name what
-# differs: the script (memory), the env's sizes, the model flags.
+# A checkpoint says what made it (its __meta__ entry), so that --load-model can name what
+# differs where a parameter does not fit: the script (memory), the env's sizes, the model flags.
 def checkpoint_meta(args, obs_dim, num_actions):
     model = Parser(add_help=False)
     add_model_flags(model)
-    return {"script": os.path.basename(__file__), "env_id": args.env_id, "obs_dim": int(obs_dim),
-            "num_actions": int(num_actions),
-            "model_flags": {k: getattr(args, k) for k in vars(model.parse_args([]))}}
+    return {"script": os.path.basename(__file__), "--env-id": args.env_id,
+            "observation inputs": int(obs_dim), "actions": int(num_actions)} | {
+        f"--{k.replace('_', '-')}": getattr(args, k) for k in vars(model.parse_args([]))}
 
 
 def save_params(params, path, meta=None):
@@ -850,28 +835,19 @@ def save_params(params, path, meta=None):
 
 
 def load_params(template, path, meta=None):
-    """Params from a --save-model file, checked against `meta` (checkpoint_meta of this run),
-    then leaf by leaf against the template."""
+    """Params from a --save-model file, leaf by leaf as the template: a file that fits loads
+    (another env of the same sizes, other flags that only start the network); where a leaf does
+    not, the error names all that the file's meta and `meta` (this run's) differ in."""
     try:
         stored = dict(np.load(path))
         was = json.loads(str(stored.pop("__meta__", "{}")))
     except Exception:  # noqa: BLE001  (numpy raises several kinds for a file that is no .npz)
         fail(f"--load-model {path}: not a params.npz written by --save-model")
-    hint = "use the model flags it was trained with"
-    if meta and was:  # older files do not say what they are
-        if not isinstance(was, dict) or not meta.keys() <= was.keys():
-            fail(f"--load-model {path}: its __meta__ is not one that --save-model writes")
-        if was["script"] != meta["script"]:
-            fail(f"--load-model {path}: a checkpoint of {was['script']}, not of {meta['script']}")
-        if (was["obs_dim"], was["num_actions"]) != (meta["obs_dim"], meta["num_actions"]):
-            fail(f"--load-model {path}: made on {was['env_id']} ({was['obs_dim']} observation "
-                 f"inputs, {was['num_actions']} actions); {meta['env_id']} has "
-                 f"{meta['obs_dim']} and {meta['num_actions']}")
-        # named where a parameter's shape differs: flags that only start a network may differ
-        now = meta["model_flags"]
-        differ = ", ".join(f"--{k.replace('_', '-')} {v} (this run: {now.get(k)})"
-                           for k, v in was["model_flags"].items() if v != now.get(k))
-        hint = f"it was made with {differ}" if differ else hint
+    if not isinstance(was, dict):
+        fail(f"--load-model {path}: its __meta__ is not one that --save-model writes")
+    differ = meta and ", ".join(f"{k} {v} (this run: {meta.get(k)})" for k, v in was.items()
+                                if v != meta.get(k))
+    hint = f"it was made with {differ}" if differ else "use the model flags it was trained with"
 
     def load(key, leaf):
         name = jax.tree_util.keystr(key, simple=True, separator="/")

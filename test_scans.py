@@ -370,7 +370,7 @@ def test_lru_several_rings_share_the_states_evenly(capsys):
     the two rings (counted from the eigenvalues: the rings' radii do not overlap)."""
     for n, first in ((64, 32), (5, 3)):
         args = lru.parse_args(["--r-min", "0", "0.9", "--r-max", "0.5", "0.999", "--max-phase",
-                               "pi", "pi/10", "--state-size", str(n), "--hidden-size", "8"])
+                               "3.14159", "0.314159", "--state-size", str(n), "--hidden-size", "8"])
         for lam, gamma in lru_eigenvalues(lru.init_params(jax.random.PRNGKey(n), 4, 2, args)):
             radius, phase = np.abs(lam), np.angle(lam) % (2 * np.pi)
             assert np.all(radius[:first] <= 0.5 + 1e-6) and np.all(phase[:first] <= np.pi + 1e-5)
@@ -1340,8 +1340,8 @@ TRAINING_BAD_INPUT = [  # (script, flags, a part of the message, exit code)
     (ffm, ["--load-model", str], "is a folder, not a params.npz", 2),
     (ffm, ["--load-model", partial(a_checkpoint, meta=[1, 2]), *CHECKPOINT_FLAGS],
      "its __meta__ is not one that --save-model writes", 2),
-    (ffm, ["--load-model", partial(a_checkpoint, meta={"script": "ffm_tbb_dqn.py"}),
-           *CHECKPOINT_FLAGS], "its __meta__ is not one that --save-model writes", 2),
+    (ffm, ["--load-model", partial(a_checkpoint, meta="ffm_tbb_dqn.py"), *CHECKPOINT_FLAGS],
+     "its __meta__ is not one that --save-model writes", 2),
     (ffm, ["--load-model", partial(a_checkpoint, change=lambda x: x.astype(np.int64)),
            *CHECKPOINT_FLAGS], "holds int64, not finite floats", 2),
     (ffm, ["--load-model", partial(a_checkpoint, change=lambda x: np.full_like(x, np.nan)),
@@ -2600,7 +2600,8 @@ def test_out_of_memory_while_running_is_one_line(error, tmp_path, capsys):
 
 
 def test_checkpoints_say_what_differs(tmp_path, capsys):
-    """--load-model names the script, the env or the model flags that differ."""
+    """Where a parameter does not fit, --load-model names all that differs: the script, the
+    env and its sizes, the model flags; a file that fits loads."""
     obs_dim, num_actions = repeat_first_sizes()
     flags = [*TINY_MODEL["ffm"], "--hidden-size", "32"]
     args = ffm.parse_args(flags)
@@ -2611,10 +2612,12 @@ def test_checkpoints_say_what_differs(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         lru.train(lru.parse_args(["--load-model", path, "--output-dir", str(tmp_path)]))
     assert exit_info.value.code == 2
-    assert "a checkpoint of ffm_tbb_dqn.py, not of lru_tbb_dqn.py" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "script ffm_tbb_dqn.py (this run: lru_tbb_dqn.py), --hidden-size 32 (this run: 256)" \
+        in err and len(err.strip().splitlines()) == 1, err
     for env_id, actions, more, message in [
-            ("CountRecallEasy", 27, flags, "made on RepeatFirstEasy (6 observation inputs, 4 "
-                                           "actions); CountRecallEasy has 6 and 27"),
+            ("CountRecallEasy", 27, flags, "it was made with --env-id RepeatFirstEasy (this run: "
+                                           "CountRecallEasy), actions 4 (this run: 27)"),
             ("RepeatFirstEasy", num_actions, [], "it was made with --hidden-size 32 (this run: "
              "256), --trace-size 8 (this run: 64), --context-size 2 (this run: 4)")]:
         other = ffm.parse_args(["--env-id", env_id, *more])
@@ -2646,17 +2649,6 @@ def test_sbb_sizes_follow_its_own_rule_not_tbbs(tmp_path, capsys):
     with pytest.raises(SystemExit):
         sbb.train(sbb.parse_args([*flags, "--buffer-size", "59"]), script)
     assert "--buffer-size 59 holds 5 segments of 10 steps" in capsys.readouterr().err
-
-
-def test_max_phase_takes_the_readme_spelling_of_pi(capsys):
-    for text, value in [("pi/10", np.pi / 10), ("2*pi", 2 * np.pi), ("2pi/3", 2 * np.pi / 3),
-                        ("0.314", 0.314)]:
-        assert lru.parse_args(["--max-phase", text]).max_phase == pytest.approx([value])
-    for text in ("pi*2", "1/0", "pie", "0", "x/10"):
-        with pytest.raises(SystemExit) as exit_info:
-            lru.parse_args(["--max-phase", text])
-        assert exit_info.value.code == 2
-        assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
 class Parsed(BaseException):
