@@ -239,7 +239,7 @@ def q_tape(params, obs, next_obs, start, scan):
     """Q(o_0..o_t) and Q(o_0..o_t, o_t+1) at every step t of a tape of B steps: [B, actions].
 
     One scan gives every prefix state; the second output combines the prefix state after o_t
-    with the element of o_t+1 (one more op), so the target's memory sees the whole episode.
+    with o_t+1's element (one more op, no reset), so the target's memory sees the whole episode.
     """
     x, x_next = embed(params, obs), embed(params, next_obs)
     states = resettable_scan(input_map(params, x), start, scan)

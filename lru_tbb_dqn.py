@@ -52,8 +52,8 @@ import optax  # noqa: E402
 # (1) The LRU memoroid (paper Sec. 3 and 4.1; LRU: Orvieto et al. 2023, Sec. 3)
 #
 # An LRU keeps N complex states h_t = lambda * h_{t-1} + gamma * (B u_t), a diagonal linear
-# recurrence with a learned lambda = exp(-exp(nu) + i exp(theta)), so |lambda| = exp(-exp(nu))
-# < 1 for every nu (in exact arithmetic): stable by construction. As a monoid over elements
+# recurrence with a learned lambda = exp(-exp(nu_log) + i exp(theta_log)), so |lambda| < 1 for
+# every nu_log (in exact arithmetic): stable by construction. As a monoid over elements
 # (A, h) -- the decay accumulated over a span and the state the span produces from a zero
 # start --
 #
@@ -206,7 +206,7 @@ def init_params(key, obs_dim, num_actions, args):
 
 
 def lru_lambda(p):
-    """lambda = exp(-exp(nu) + i exp(theta)), one per state."""
+    """lambda = exp(-exp(nu_log) + i exp(theta_log)), one per state."""
     return jnp.exp(-jnp.exp(p["nu_log"]) + 1j * jnp.exp(p["theta_log"]))
 
 
@@ -230,8 +230,8 @@ def q_tape(params, obs, next_obs, start, scan):
     """Q(o_0..o_t) and Q(o_0..o_t, o_t+1) at every step t of a tape of B steps: [B, actions].
 
     One scan per block gives every prefix state; in every block the second path combines the
-    prefix state after o_t with the element of o_t+1 (one more op) and feeds the next block's
-    second path, so the target's memory sees the whole episode.
+    prefix state after o_t with o_t+1's element (one more op, no reset) and feeds the next
+    block's second path, so the target's memory sees the whole episode.
     """
     x, x_next = embed(params, obs), embed(params, next_obs)
     for p in params["lru"]:
