@@ -167,7 +167,7 @@ def q_head(params, y):
 
 # The memory is --num-layers of Orvieto et al.'s blocks: pre-LayerNorm, LRU, GELU, gated linear
 # unit, residual. With x_t the block input (the embedding, for the first block):
-#     u_t = LN(x_t)
+#     u_t = LN(x_t)                                             (a learned scale and bias)
 #     h_t = lambda * h_{t-1} + gamma * (B u_t)                 (input map, then the scan)
 #     y_t = Re(C h_t) + D * u_t                                 (output map)
 #     x_t <- x_t + W_a z_t * sigmoid(W_g z_t),  z_t = GELU(y_t)
@@ -192,7 +192,7 @@ def init_lru_block(key, width, n, args):
         # as large as a white-noise input whatever the radius; then learned, as in that paper.
         "gamma_log": 0.5 * jnp.log1p(-radius_sq),
         "B": jax.random.normal(k[1], (width, 2 * n)) / np.sqrt(2 * width),
-        "C": jax.random.normal(k[2], (2 * n, width)) / np.sqrt(n),
+        "C": jax.random.normal(k[2], (2 * n, width)) / np.sqrt(n),  # B, C, D as Orvieto et al.
         "D": jax.random.normal(k[3], (width,)),
         "glu": init_linear(k[4], width, 2 * width),  # W_a and W_g
     }
