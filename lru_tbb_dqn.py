@@ -497,11 +497,10 @@ def set_up(args, init_key):
     obs_dim, num_actions = probe.observation_space.shape[0], int(probe.action_space.n)
     auto = "sequential" if jax.default_backend() == "cpu" else "associative"
     scan = auto if args.scan == "auto" else args.scan
-    init = lambda k: init_params(k, obs_dim, num_actions, args)  # noqa: E731
+    init = jax.jit(lambda k: init_params(k, obs_dim, num_actions, args))  # one compile, not dozens
     shapes, meta = jax.eval_shape(init, init_key), checkpoint_meta(args, obs_dim, num_actions)
     check_memory(args, cap, obs_dim, shapes)  # the checks need the shapes only: no compute
-    jit_init = jax.jit(init)  # one compile instead of dozens of small eager ones
-    params = load_params(shapes, args.load_model, meta) if args.load_model else jit_init(init_key)
+    params = load_params(shapes, args.load_model, meta) if args.load_model else init(init_key)
     # Made only now that every input is checked: bad input leaves no empty run folder.
     folder, log = start_run(args, scan_used=scan, episode_cap=cap)
     envs = make_vector_env(make_env, args.num_envs)
@@ -682,8 +681,7 @@ def parse_args(argv=None):
 def resolve_env(env_id, max_episode_steps=0, env_kwargs=None, prev_action="auto"):
     """-> (make_env, cap): a function that builds one wrapped env, and the longest episode."""
     import gymnasium as gym
-    import popgym  # noqa: F401  (registers the popgym-*-v0 ids)
-    from popgym import envs as popgym_envs
+    from popgym import envs as popgym_envs  # also registers the popgym-*-v0 ids
     from popgym.core.env import POPGymEnv
     from popgym.wrappers import Antialias, DiscreteAction, Flatten, PreviousAction
 
