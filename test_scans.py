@@ -1045,6 +1045,31 @@ def test_stored_state_is_not_an_ablation(capsys):
     assert exit_info.value.code == 2 and len(lines) == 1 and "--stored-state" in lines[0]
 
 
+def test_stored_states_are_computed_by_the_acting_network(tmp_path):
+    """train() hands add_episode the parameters that acted on the episode's last step (not the
+    target's): the same values, at a store after updates have changed them."""
+    args = sbb.parse_args([*TINY, *TINY_MODEL["ffm"], "--segment-length", "10", "--stored-state",
+                           "--output-dir", str(tmp_path)])
+    script, acted, stored = sbb.segment_script("ffm", 10, args), [None], []
+    act, add_episode = script.act, script.add_episode
+
+    def recording_act(params, *rest):
+        acted[0] = params
+        return act(params, *rest)
+
+    def recording_add_episode(tape, episode, length, params=None):
+        # copied now: the next train phase donates (deletes) these buffers
+        stored.append([np.asarray(x) for x in jax.tree.leaves((params, acted[0]))])
+        return add_episode(tape, episode, length, params)
+
+    script.act, script.add_episode = recording_act, recording_add_episode
+    sbb.train(args, script)
+    half = len(stored[0]) // 2
+    for leaves in stored:
+        assert all(np.array_equal(a, b) for a, b in zip(leaves[:half], leaves[half:]))
+    assert not all(np.array_equal(a, b) for a, b in zip(stored[0][:half], stored[-1][:half]))
+
+
 def test_stored_state_and_burn_in_smoke_run(tmp_path):
     """A tiny FFM run with both flags, a few updates: finite metrics, density below 1."""
     sbb.train(sbb.parse_args([*TINY, *TINY_MODEL["ffm"], *SHORT, "--segment-length", "10",
