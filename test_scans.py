@@ -894,6 +894,34 @@ def test_stored_state_segments_see_their_whole_episode(model):
                 np.testing.assert_array_equal(np.asarray(leaf)[s], e)
 
 
+@pytest.mark.parametrize("model", NETWORKS)
+def test_stored_states_stay_with_their_segments_when_the_ring_wraps_and_is_sampled(model):
+    """A ring of 6 segments takes STORED_LENGTHS's 8 (the last episode wraps over the first's
+    oldest two): every sampled segment, with its drawn state, still gives its whole episode's
+    Q at its steps, and every stored segment is drawn."""
+    L, N, module, params = STORED_L, STORED_N, NETWORKS[model][0], net_params(model)
+    script = stored_script(model, L, N, "--batch-size", str(60 * (N + L)))
+    episodes = tagged_episodes(script.Transition, STORED_LENGTHS, 11)
+    ring = script.init_tape(6 * L, OBS_DIM)
+    for episode, n in zip(episodes, STORED_LENGTHS):
+        ring = script.add_episode(ring, episode, np.int32(n), params)
+    batch = script.sample_tape(ring, jax.random.PRNGKey(1), 60 * (N + L))
+    q, q_next = map(np.asarray, jax.jit(partial(sbb.q_stored, module.q_step))(params, batch))
+    obs_tape, next_obs_tape = (np.concatenate([x[:n] for x, n in zip(column, STORED_LENGTHS)])
+                               for column in zip(*[(e.obs, e.next_obs) for e in episodes]))
+    whole = [np.asarray(x) for x in q_tape_jit(model)(
+        params, obs_tape, next_obs_tape, episode_starts(STORED_LENGTHS), scan="sequential")]
+    offset, drawn = np.cumsum((0,) + STORED_LENGTHS), set()
+    for s, obs in enumerate(np.asarray(batch[0].obs)):
+        real = obs.any(axis=-1)
+        ep_id = (obs[real, 0] // 1).astype(int)
+        at = offset[ep_id] + np.round((obs[real, 0] - ep_id) * 64).astype(int)
+        drawn.add((ep_id[0], int(at[np.asarray(batch[1][s])[real].argmax()])))  # 1st trained
+        np.testing.assert_allclose(q[s, real], whole[0][at], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(q_next[s, real], whole[1][at], rtol=1e-5, atol=1e-5)
+    assert len(drawn) == 6 and {ep for ep, _ in drawn} == {0, 1, 2}  # episode 0: 2 of its 4
+
+
 def refresh_and_train_loop(params, target, steps, state, trained, gamma=0.9):
     """Plain Python over the step path: each network refreshes the stored state over the burn-in
     (the slots before the first `trained` one) with its own parameters, then runs the rest.
