@@ -269,8 +269,7 @@ class Tape(NamedTuple):
 
 def init_tape(capacity, obs_dim):
     ints = lambda: jnp.zeros(capacity, jnp.int32)  # noqa: E731  (own arrays: all are donated)
-    return Tape(zero_transitions((capacity,), obs_dim), ints(), ints(), jnp.int32(0),
-                jnp.int32(0), jnp.int32(0))
+    return Tape(zero_transitions((capacity,), obs_dim), ints(), ints(), *jnp.zeros(3, jnp.int32))
 
 
 @partial(jax.jit, donate_argnums=0)  # donated: the ring is updated in place, not copied
@@ -505,9 +504,8 @@ def finish(args, run, params, step, interrupted):
 
 @contextmanager
 def stops_cleanly():
-    """Yields `stop`, which SIGINT (Ctrl-C) or SIGTERM fills: train() then ends after the step
-    as if finished and exits 130, so a caller of several runs (vml_analysis.py) stops too. A
-    second signal stops at once; out of memory: one line."""
+    """Yields `stop`, filled by SIGINT (Ctrl-C) or SIGTERM: train() ends after that step as if
+    finished and exits 130 (so vml_analysis.py stops too); a second signal stops at once."""
     stop = []
 
     def on_signal(signum, frame):
@@ -539,9 +537,8 @@ def check_sizes(args, cap):
 
 
 def check_memory(args, cap, obs_dim, shapes):
-    """Refuse, before anything is allocated, sizes that cannot fit in the device's memory (a
-    CPU's: the RAM), counted from below: the tape; per batch step a transition (2 observations,
-    4 scalars, 2 ints) and 4 prefix states; per env 2 states and its episode so far."""
+    """Refuse, before anything is made, sizes the device (a CPU: its RAM) cannot hold, counted
+    from below: the tape; per batch step a transition, 4 prefix states; per env 2, an episode."""
     bytes_of = lambda make, *shapes: sum(x.size * x.dtype.itemsize  # noqa: E731  (made: none)
                                          for x in jax.tree.leaves(jax.eval_shape(make, *shapes)))
     step_bytes, carry_bytes = 8 * obs_dim + 18, bytes_of(lambda p: initial_carry(p, 1), shapes)

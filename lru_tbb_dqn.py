@@ -174,15 +174,13 @@ def q_head(params, y):
 # In code vectors are rows: B u is u @ B, C h is h @ C. B and C are complex but stored as real
 # matrices, so that each product is one real matmul: B as [Re B | Im B] (width x 2N), giving
 # [Re, Im] of B u; C as [Re C; -Im C] (2N x width), since Re(C h) = Re C Re h - Im C Im h.
-def init_lru_block(key, width, n, args):
-    k = jax.random.split(key, 5)
-    # Ring initialisation (Orvieto et al. Sec. 3): |lambda|^2 uniform on [r_min^2, r_max^2],
-    # arg(lambda) uniform on [0, max_phase]. Several rings (several values per flag) share the
-    # n states evenly, in order. Draws are kept above 0 because both enter logs.
+def init_lru_block(key, args):
+    width, n, k = args.hidden_size, args.state_size, jax.random.split(key, 5)
+    # Rings (Orvieto et al. Sec. 3): |lambda|^2 uniform on [r_min^2, r_max^2], arg(lambda) on
+    # [0, max_phase]; one ring per value of the flags, the n states split evenly, in order.
     ring = np.arange(n) * len(args.r_min) // n
-    r_min, r_max, max_phase = (np.asarray(v)[ring] for v in (args.r_min, args.r_max,
-                                                             args.max_phase))
-    u_radius, u_phase = jax.random.uniform(k[0], (2, n), minval=1e-6)
+    r_min, r_max, max_phase = np.array([args.r_min, args.r_max, args.max_phase])[:, ring]
+    u_radius, u_phase = jax.random.uniform(k[0], (2, n), minval=1e-6)  # > 0: both enter logs
     radius_sq = r_min**2 + u_radius * (r_max**2 - r_min**2)
     return {
         "norm": {"scale": jnp.ones(width), "bias": jnp.zeros(width)},
@@ -199,10 +197,9 @@ def init_lru_block(key, width, n, args):
 
 
 def init_params(key, obs_dim, num_actions, args):
-    width = args.hidden_size
     k = jax.random.split(key, 1 + args.num_layers)
-    return init_embed_and_head(k[0], obs_dim, num_actions, width) | {
-        "lru": [init_lru_block(kb, width, args.state_size, args) for kb in k[1:]]}
+    return init_embed_and_head(k[0], obs_dim, num_actions, args.hidden_size) | {
+        "lru": [init_lru_block(kb, args) for kb in k[1:]]}
 
 
 def lru_lambda(p):
@@ -214,8 +211,7 @@ def input_map(p, u):
     """Normalised block input u [..., width] -> element (lambda, gamma B u), each [..., N]."""
     bu_re, bu_im = jnp.split(u @ p["B"], 2, axis=-1)
     bu = jnp.exp(p["gamma_log"]) * jax.lax.complex(bu_re, bu_im)
-    lam = lru_lambda(p)  # once per call, not per step: a complex exp is costly
-    return jnp.broadcast_to(lam, bu.shape), bu
+    return jnp.broadcast_to(lru_lambda(p), bu.shape), bu  # lambda once a call: exp is costly
 
 
 def output_map(p, state, x, u):
@@ -250,8 +246,7 @@ def initial_carry(params, num_envs):
 
 def q_step(params, carry, obs, start):
     """One step of every env, with the scan's own reset op, so acting and training agree."""
-    x = embed(params, obs)
-    new_carry = []
+    x, new_carry = embed(params, obs), []
     for p, state in zip(params["lru"], carry):
         u = layer_norm(x, p["norm"])
         state, _ = reset_op((state, start), (input_map(p, u), start))  # only b's flag counts
@@ -294,8 +289,7 @@ class Tape(NamedTuple):
 
 def init_tape(capacity, obs_dim):
     ints = lambda: jnp.zeros(capacity, jnp.int32)  # noqa: E731  (own arrays: all are donated)
-    return Tape(zero_transitions((capacity,), obs_dim), ints(), ints(), jnp.int32(0),
-                jnp.int32(0), jnp.int32(0))
+    return Tape(zero_transitions((capacity,), obs_dim), ints(), ints(), *jnp.zeros(3, jnp.int32))
 
 
 @partial(jax.jit, donate_argnums=0)  # donated: the ring is updated in place, not copied
@@ -530,9 +524,8 @@ def finish(args, run, params, step, interrupted):
 
 @contextmanager
 def stops_cleanly():
-    """Yields `stop`, which SIGINT (Ctrl-C) or SIGTERM fills: train() then ends after the step
-    as if finished and exits 130, so a caller of several runs (vml_analysis.py) stops too. A
-    second signal stops at once; out of memory: one line."""
+    """Yields `stop`, filled by SIGINT (Ctrl-C) or SIGTERM: train() ends after that step as if
+    finished and exits 130 (so vml_analysis.py stops too); a second signal stops at once."""
     stop = []
 
     def on_signal(signum, frame):
@@ -564,9 +557,8 @@ def check_sizes(args, cap):
 
 
 def check_memory(args, cap, obs_dim, shapes):
-    """Refuse, before anything is allocated, sizes that cannot fit in the device's memory (a
-    CPU's: the RAM), counted from below: the tape; per batch step a transition (2 observations,
-    4 scalars, 2 ints) and 4 prefix states; per env 2 states and its episode so far."""
+    """Refuse, before anything is made, sizes the device (a CPU: its RAM) cannot hold, counted
+    from below: the tape; per batch step a transition, 4 prefix states; per env 2, an episode."""
     bytes_of = lambda make, *shapes: sum(x.size * x.dtype.itemsize  # noqa: E731  (made: none)
                                          for x in jax.tree.leaves(jax.eval_shape(make, *shapes)))
     step_bytes, carry_bytes = 8 * obs_dim + 18, bytes_of(lambda p: initial_carry(p, 1), shapes)
@@ -896,25 +888,22 @@ def add_model_flags(parser):
     g.add_argument("--state-size", type=POSITIVE_INT, default=128,
                    help="LRU state size N: complex diagonal states per block")
     g.add_argument("--num-layers", type=POSITIVE_INT, default=2, help="stacked LRU blocks")
-    # The paper code's ring (its r_max 1.0 made 0.9999): radii over [0, 1) and phases up to
-    # 2 pi, so the states span memories from one step to ~10,000 at every frequency.
-    g.add_argument("--r-min", type=float, nargs="+", default=[0.0],
-                   help="smallest |lambda| of the ring initialisation (memory ~1/(1-r) steps); "
-                        "several values, with as many of --r-max and --max-phase: one ring each")
-    g.add_argument("--r-max", type=POSITIVE_FLOAT, nargs="+", default=[0.9999],
-                   help="largest |lambda| of the ring initialisation")
-    g.add_argument("--max-phase", type=POSITIVE_FLOAT, nargs="+", default=[6.28],
-                   help="largest initial phase arg(lambda), in radians (pi/10: 0.314159)")
+    # Two rings, chosen on four tasks (README 5.2, issue 36): half the states on the paper code's
+    # (memories of 1 to ~10,000 steps at every frequency), half on our first (slow, nearly still).
+    g.add_argument("--r-min", type=float, nargs="+", default=[0.0, 0.9],
+                   help="smallest |lambda| of each ring (memory ~1/(1-r) steps), one per ring")
+    g.add_argument("--r-max", type=POSITIVE_FLOAT, nargs="+", default=[0.9999, 0.999],
+                   help="largest |lambda| of each ring")
+    g.add_argument("--max-phase", type=POSITIVE_FLOAT, nargs="+", default=[6.28, 0.314159],
+                   help="largest initial phase arg(lambda) of each ring, in radians")
 
 
 def check_model_flags(args):
     rings = {len(args.r_min), len(args.r_max), len(args.max_phase)}
     if len(rings) > 1 or max(rings) > args.state_size:
-        fail("--r-min, --r-max and --max-phase need one value per ring, as many rings as each "
-             f"other and at most --state-size {args.state_size}")
-    for r_min, r_max in zip(args.r_min, args.r_max):
-        if not 0.0 <= r_min <= r_max < 1.0:
-            fail(f"need 0 <= --r-min <= --r-max < 1, got {r_min} and {r_max}")
+        fail("--r-min, --r-max and --max-phase need one value per ring, at most --state-size rings")
+    if not all(0 <= lo <= hi < 1 for lo, hi in zip(args.r_min, args.r_max)):
+        fail(f"need 0 <= --r-min <= --r-max < 1 in each ring, got {args.r_min} and {args.r_max}")
 
 
 if __name__ == "__main__":

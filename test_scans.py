@@ -349,20 +349,26 @@ def lru_eigenvalues(params):
 
 
 def test_lru_ring_initialisation():
+    """The default: two rings, the first half of each block's states on the first, the rest on
+    the second; on each, |lambda|^2 uniform on [r_min^2, r_max^2], phase on [0, max_phase]."""
     params = net_params("lru")
     args = lru.parse_args(NETWORKS["lru"][1])
-    (r_min,), (r_max,), (max_phase,) = args.r_min, args.r_max, args.max_phase
-    lam, gamma = map(np.concatenate, zip(*lru_eigenvalues(params)))
-    radius, phase = np.abs(lam), np.angle(lam) % (2 * np.pi)  # max_phase < 2 pi
-    assert np.all((radius >= r_min - 1e-6) & (radius <= r_max + 1e-6))
-    assert np.all((phase >= 0) & (phase <= max_phase + 1e-6))
-    # |lambda|^2 uniform on [r_min^2, r_max^2], phase uniform on [0, max_phase]: tolerances
-    # ~4 standard errors of the mean of len(lam) uniform draws
-    se = 4 / np.sqrt(12 * len(lam))
-    np.testing.assert_allclose(np.mean(radius**2), (r_min**2 + r_max**2) / 2,
-                               atol=se * (r_max**2 - r_min**2))
-    np.testing.assert_allclose(np.mean(phase), max_phase / 2, atol=se * max_phase)
-    np.testing.assert_allclose(gamma, np.sqrt(1 - radius**2), rtol=1e-4)
+    assert (args.r_min, args.r_max, args.max_phase) == ([0.0, 0.9], [0.9999, 0.999],
+                                                         [6.28, 0.314159])
+    half = args.state_size // 2
+    for i, (r_min, r_max, max_phase) in enumerate(zip(args.r_min, args.r_max, args.max_phase)):
+        on_ring = slice(i * half, (i + 1) * half)
+        lam, gamma = map(np.concatenate, zip(*((lam[on_ring], gamma[on_ring])
+                                               for lam, gamma in lru_eigenvalues(params))))
+        radius, phase = np.abs(lam), np.angle(lam) % (2 * np.pi)  # max_phase < 2 pi
+        assert np.all((radius >= r_min - 1e-6) & (radius <= r_max + 1e-6))
+        assert np.all((phase >= 0) & (phase <= max_phase + 1e-6))
+        # tolerances ~4 standard errors of the mean of len(lam) uniform draws
+        se = 4 / np.sqrt(12 * len(lam))
+        np.testing.assert_allclose(np.mean(radius**2), (r_min**2 + r_max**2) / 2,
+                                   atol=se * (r_max**2 - r_min**2))
+        np.testing.assert_allclose(np.mean(phase), max_phase / 2, atol=se * max_phase)
+        np.testing.assert_allclose(gamma, np.sqrt(1 - radius**2), rtol=1e-4)
 
 
 def test_lru_several_rings_share_the_states_evenly(capsys):
@@ -377,8 +383,9 @@ def test_lru_several_rings_share_the_states_evenly(capsys):
             assert np.all((radius[first:] >= 0.9 - 1e-6) & (radius[first:] <= 0.999 + 1e-6))
             assert np.all(phase[first:] <= np.pi / 10 + 1e-5)
             np.testing.assert_allclose(gamma, np.sqrt(1 - radius**2), rtol=1e-4)
-    for flags in (["--r-min", "0", "0.9"], ["--max-phase", "1", "2", "3", "--r-min", "0", "0", "0",
-                                            "--r-max", "0.5", "0.6", "0.7", "--state-size", "2"]):
+    for flags in (["--r-min", "0", "0.5", "0.9"],  # three rings, the defaults' two of the others
+                  ["--max-phase", "1", "2", "3", "--r-min", "0", "0", "0",
+                   "--r-max", "0.5", "0.6", "0.7", "--state-size", "2"]):
         with pytest.raises(SystemExit) as e:
             lru.parse_args(flags)
         err = capsys.readouterr().err.strip()
@@ -1296,8 +1303,9 @@ def test_bad_input_exit_code_from_the_shell(tmp_path):
 
 
 @pytest.mark.parametrize("script,flags", [
-    (lru, ["--r-min", "0.95", "--r-max", "0.9"]), (lru, ["--r-max", "1.0"]),
-    (lru, ["--r-min", "-0.1"]), (lru, ["--max-phase", "0"]), (lru, ["--num-layers", "0"]),
+    (lru, ["--r-min", "0.95", "--r-max", "0.9", "--max-phase", "1"]),
+    (lru, ["--r-min", "0", "0.9", "--r-max", "0.5", "1.0"]),
+    (lru, ["--r-min", "-0.1", "0.9"]), (lru, ["--max-phase", "0"]), (lru, ["--num-layers", "0"]),
     (lru, ["--state-size", "0"]), (lt, ["--key-size", "0"]), (lt, ["--value-size", "0"]),
     (lt, ["--num-heads", "0"]), (ffm, ["--trace-size", "0"]), (ffm, ["--hidden-size", "-1"])])
 def test_bad_model_flags_are_one_line(script, flags, capsys):
@@ -1922,11 +1930,12 @@ def test_vml_reuses_a_finished_run(tmp_path):
     assert vml.trained_run(args, "sbb10", 2, []) == str(run_dir.parent / "Task__sbb10__2__0")
 
 
-def test_vml_trains_lru_on_the_wide_ring_unless_told_otherwise():
+def test_vml_trains_lru_on_the_split_ring_unless_told_otherwise():
     ring = lambda a: (a.r_min, a.r_max, a.max_phase)
-    assert ring(lru.parse_args(vml.parse_args([]).script_flags)) == ([0.0], [0.9999], [6.28])
-    told = vml.parse_args(["--r-min", "0.5", "--hidden-size", "8"]).script_flags
-    assert ring(lru.parse_args(told)) == ([0.5], [0.9999], [6.28])
+    split = ([0.0, 0.9], [0.9999, 0.999], [6.28, 0.314159])
+    assert ring(lru.parse_args(vml.parse_args([]).script_flags)) == split
+    told = vml.parse_args(["--r-min", "0.5", "0.9", "--hidden-size", "8"]).script_flags
+    assert ring(lru.parse_args(told)) == ([0.5, 0.9],) + split[1:]
     assert vml.parse_args(["--memory", "ffm", "--trace-size", "8"]).script_flags == [
         "--trace-size", "8"]
 
@@ -2000,11 +2009,15 @@ def test_reproduce_variants_swap_one_thing(tmp_path, capsys):
         "--memory", "lru", "--segment-length", "50"]
     assert strip_run_flags(sbb_variant[3:], "lru", "sbb50") == strip_run_flags(
         cmds["sbb50"][2:], "lru", "sbb50")
-    # The LRU's default ring is the paper code's, |lambda| over [0, 1) and phases up to 2 pi;
-    # +first_lru_init gives our first one, |lambda| in [0.9, 0.999] and phases up to pi/10
+    # The LRU's default is the split ring; +paper_lru_init gives the paper code's alone,
+    # |lambda| over [0, 1) and phases up to 2 pi, +first_lru_init our first one, |lambda| in
+    # [0.9, 0.999] and phases up to pi/10
     default = lru.parse_args(cmds["tbb"][2:])
-    assert (default.r_min, default.r_max, default.max_phase) == ([0.0], [0.9999], [6.28])
-    lam = lru.lru_lambda(lru.init_params(jax.random.PRNGKey(0), 4, 2, default)["lru"][0])
+    assert (default.r_min, default.r_max, default.max_phase) == ([0.0, 0.9], [0.9999, 0.999],
+                                                                 [6.28, 0.314159])
+    paper = lru.parse_args(rep.command("CountRecallEasy", "lru", "tbb+paper_lru_init", 1,
+                                       args)[1][2:])
+    lam = lru.lru_lambda(lru.init_params(jax.random.PRNGKey(0), 4, 2, paper)["lru"][0])
     assert np.abs(lam).min() < 0.3 and np.abs(lam).max() > 0.95 and np.angle(lam).max() > 3.0
     first = lru.parse_args(rep.command("CountRecallEasy", "lru", "tbb+first_lru_init", 1,
                                        args)[1][2:])

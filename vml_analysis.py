@@ -42,12 +42,11 @@ import ffm_tbb_dqn as tbb  # for the command-line helpers, the same in every scr
 import sbb_baseline_dqn as sbb
 
 
-# The LRU ring of the paper's code (Orvieto et al.'s generic one): |lambda| over [0, 1), phases
-# up to 2 pi, lru_tbb_dqn.py's default since issue 25, given explicitly so that these runs stay
-# the same if that default moves. Our first ring (|lambda| 0.9-0.999, phases up to pi/10) holds
-# an observation still for a long time, which RepeatFirst needs, but learns this task's exact
-# 9-step delay slowly (benchmarks/RESULTS.md, value memory length).
-MEMORY_FLAGS = {"lru": ["--r-min", "0", "--r-max", "0.9999", "--max-phase", "6.28"]}
+# lru_tbb_dqn.py's default rings since issue 36 (half the states on the paper code's ring,
+# |lambda| over [0, 1) and phases up to 2 pi; half on our first, |lambda| 0.9-0.999 and phases
+# up to pi/10), given explicitly so that these runs stay the same if that default moves.
+MEMORY_FLAGS = {"lru": ["--r-min", "0", "0.9", "--r-max", "0.9999", "0.999",
+                        "--max-phase", "6.28", "0.314159"]}
 # Training-script flags that this script sets for each run: given, they would win in every run.
 SET_FOR_EACH_RUN = ("--seed", "--env-id", "--env-kwargs", "--exp-name", "--save-model",
                     "--segment-length")
@@ -61,7 +60,7 @@ def parse_args(argv=None):
     add("--k", type=positive, default=10, help="RepeatPrevious: repeat the suit k steps ago")
     add("--num-decks", type=positive, default=2, help="RepeatPrevious: decks (episode length)")
     add("--gamma", type=tbb.UNIT, default=0.5, help="discount of every training run")
-    # With the ring above every TBB seed of our LRU evaluated >= 0.99 from 130k steps (RESULTS.md)
+    # With the paper code's ring alone every TBB seed of our LRU evaluated >= 0.99 from 130k steps
     add("--total-timesteps", type=positive, default=300_000, help="env steps of every run")
     add("--segment-lengths", type=positive, nargs="+", default=[10, 20], help="SBB's L")
     add("--seeds", type=positive, default=3, help="seeds 1..N of every batching")
