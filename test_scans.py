@@ -2183,6 +2183,29 @@ def test_reproduce_never_mixes_settings(tmp_path, monkeypatch, capsys):
     assert len((tmp_path / "t.md").read_text().splitlines()) == 2 + 4
 
 
+def test_reproduce_a_changed_default_is_another_run(monkeypatch):
+    """A run's settings hold the training script's defaults of the flags its command leaves
+    out: changing one (the LRU's ring) makes TBB and SBB runs other runs; changing one that the
+    command gives (the recipe's --learning-rate) does not."""
+    rep = load_reproduce()
+    args = rep.parse_args(["--recipe", "paper"])
+    keys = [("CountRecallEasy", "lru", batching, 1) for batching in ("tbb", "sbb10")]
+    today = [rep.settings_id(key, args) for key in keys]
+    load_script = sbb.load_script  # SBB's parse_args reads its TBB script's too
+
+    def changed_script(memory):  # as if the script's defaults were `changed`
+        script = load_script(memory)
+        parse = script.parse_args
+        script.parse_args = lambda argv=None: parse([*(argv or []), *changed])
+        return script
+
+    monkeypatch.setattr(sbb, "load_script", changed_script)
+    for changed, same in ((["--r-min", "0", "0.5"], False), (["--learning-rate", "0.5"], True)):
+        rep.training_defaults.cache_clear()
+        after = [rep.settings_id(key, args) for key in keys]
+        assert [a == b for a, b in zip(after, today)] == [same, same]
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--jobs", "0"], "argument --jobs: must be a positive integer, got 0"),
     (["--seeds", "-3"], "argument --seeds: must be a positive integer, got -3"),

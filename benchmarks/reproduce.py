@@ -22,7 +22,8 @@ and its Fig. 3. Every file written is named on stdout.
 A batching may carry variants after "+": ablations of benchmarks/ablations.py (e.g.
 tbb+first_network) and flags of the scripts (one_env: the paper's collection, --num-envs 1;
 the LRU rings *_lru_init), e.g. tbb+first_network+one_env. A run is the same run only if its
-whole command is the same (every flag but its folder): its settings. Each run folder keeps
+whole command is the same (every flag but its folder) and so are the training script's defaults
+of the flags it leaves out: its settings. Each run folder keeps
 them (command.json), and each finished run's eval curve is copied with a hash of them into
 --curves, a committed CSV, so the figure and table can be redrawn without runs/ (which is not
 committed). A run already finished with the same settings is skipped, so the grid resumes;
@@ -41,6 +42,7 @@ import sys
 import textwrap
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
 
 import numpy as np
 
@@ -286,9 +288,29 @@ def command(task, model, batching, seed, args):
 
 def settings(cmd):
     """What a run is made with: its command without the interpreter and the run's folder, the
-    script relative to the project. Two runs are the same run only if these are equal."""
+    script relative to the project, and the defaults of the flags it leaves out as the training
+    script has them now (so a run made before a default changed is another run). Two runs are
+    the same run only if these are equal."""
     i = cmd.index("--output-dir")
-    return [os.path.relpath(cmd[1], ROOT), *cmd[2:i], *cmd[i + 2:]]
+    flags = [*cmd[2:i], *cmd[i + 2:]]
+    memory = flags[flags.index("--memory") + 1] if "--memory" in flags else next(
+        m for m, script in TBB_SCRIPTS.items() if script == os.path.basename(cmd[1]))
+    sbb_run = "--segment-length" in flags  # SBB, or an ablation of it
+    given = {f[2:].replace("-", "_") for f in flags if f.startswith("--")}
+    return {"command": [os.path.relpath(cmd[1], ROOT), *flags],
+            "defaults": {k: v for k, v in training_defaults(sbb_run, memory).items()
+                         if k not in given | {"output_dir"}}}
+
+
+@lru_cache(maxsize=None)
+def training_defaults(sbb_run, memory):
+    """Every flag's default in the script that trains a run (SBB's: with that memory's)."""
+    sys.path.insert(0, ROOT)
+    import sbb_baseline_dqn as sbb  # jax loads only where settings are needed
+    sys.path.remove(ROOT)
+    args = sbb.parse_args(["--memory", memory]) if sbb_run else sbb.load_script(
+        memory).parse_args([])
+    return vars(args)
 
 
 def settings_id(key, args):
