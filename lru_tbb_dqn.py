@@ -54,8 +54,7 @@ import optax  # noqa: E402
 # An LRU keeps N complex states h_t = lambda * h_{t-1} + gamma * (B u_t), a diagonal linear
 # recurrence with a learned lambda = exp(-exp(nu_log) + i exp(theta_log)), so |lambda| < 1 for
 # every nu_log (in exact arithmetic): stable by construction. As a monoid over elements
-# (A, h) -- the decay accumulated over a span and the state the span produces from a zero
-# start --
+# (A, h) -- the decay accumulated over a span and the state it produces from a zero start --
 #
 #     (A_a, h_a) • (A_b, h_b) = (A_b A_a,  A_b h_a + h_b),     identity e = (1, 0).
 #
@@ -177,7 +176,7 @@ def q_head(params, y):
 def init_lru_block(key, args):
     width, n, k = args.hidden_size, args.state_size, jax.random.split(key, 5)
     # Rings (Orvieto et al. Sec. 3): |lambda|^2 uniform on [r_min^2, r_max^2], arg(lambda) on
-    # [0, max_phase]; one ring per value of the flags, the n states split evenly, in order.
+    # [0, max_phase]; one ring per value of the flags, each taking the next n / rings states.
     ring = np.arange(n) * len(args.r_min) // n
     r_min, r_max, max_phase = np.array([args.r_min, args.r_max, args.max_phase])[:, ring]
     u_radius, u_phase = jax.random.uniform(k[0], (2, n), minval=1e-6)  # > 0: both enter logs
@@ -888,10 +887,10 @@ def add_model_flags(parser):
     g.add_argument("--state-size", type=POSITIVE_INT, default=128,
                    help="LRU state size N: complex diagonal states per block")
     g.add_argument("--num-layers", type=POSITIVE_INT, default=2, help="stacked LRU blocks")
-    # Two rings, chosen on four tasks (README 5.2, issue 36): half the states on the paper code's
-    # (memories of 1 to ~10,000 steps at every frequency), half on our first (slow, nearly still).
+    # Default: the paper code's ring and our first, chosen on four tasks (README, issue 36).
     g.add_argument("--r-min", type=float, nargs="+", default=[0.0, 0.9],
-                   help="smallest |lambda| of each ring (memory ~1/(1-r) steps), one per ring")
+                   help="smallest |lambda| of each ring (memory ~1/(1-r) steps); k values: k "
+                        "rings, of state-size / k states each, in order")
     g.add_argument("--r-max", type=POSITIVE_FLOAT, nargs="+", default=[0.9999, 0.999],
                    help="largest |lambda| of each ring")
     g.add_argument("--max-phase", type=POSITIVE_FLOAT, nargs="+", default=[6.28, 0.314159],
@@ -899,11 +898,12 @@ def add_model_flags(parser):
 
 
 def check_model_flags(args):
-    rings = {len(args.r_min), len(args.r_max), len(args.max_phase)}
-    if len(rings) > 1 or max(rings) > args.state_size:
-        fail("--r-min, --r-max and --max-phase need one value per ring, at most --state-size rings")
-    if not all(0 <= lo <= hi < 1 for lo, hi in zip(args.r_min, args.r_max)):
-        fail(f"need 0 <= --r-min <= --r-max < 1 in each ring, got {args.r_min} and {args.r_max}")
+    n = len(args.r_min), len(args.r_max), len(args.max_phase)
+    if len(set(n)) > 1 or n[0] > args.state_size:
+        fail(f"--r-min, --r-max and --max-phase need one value per |lambda| ring each (got {n[0]}, "
+             f"{n[1]} and {n[2]} values), at most --state-size {args.state_size} rings")
+    if not all(0 <= lo <= hi and np.float32(hi * hi) < 1 for lo, hi in zip(args.r_min, args.r_max)):
+        fail(f"need 0 <= --r-min <= --r-max < 1 (in float32) per ring: {args.r_min}, {args.r_max}")
 
 
 if __name__ == "__main__":

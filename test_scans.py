@@ -389,7 +389,7 @@ def test_lru_several_rings_share_the_states_evenly(capsys):
         with pytest.raises(SystemExit) as e:
             lru.parse_args(flags)
         err = capsys.readouterr().err.strip()
-        assert e.value.code == 2 and len(err.splitlines()) == 1 and "one value per ring" in err
+        assert e.value.code == 2 and len(err.splitlines()) == 1 and "one value per |lambda| ring" in err
 
 
 def numpy_lru_q(params, obs, start):
@@ -1306,6 +1306,7 @@ def test_bad_input_exit_code_from_the_shell(tmp_path):
     (lru, ["--r-min", "0.95", "--r-max", "0.9", "--max-phase", "1"]),
     (lru, ["--r-min", "0", "0.9", "--r-max", "0.5", "1.0"]),
     (lru, ["--r-min", "-0.1", "0.9"]), (lru, ["--max-phase", "0"]), (lru, ["--num-layers", "0"]),
+    (lru, ["--r-min", "0", "--r-max", "0.99999999", "--max-phase", "1"]),  # 1 in float32
     (lru, ["--state-size", "0"]), (lt, ["--key-size", "0"]), (lt, ["--value-size", "0"]),
     (lt, ["--num-heads", "0"]), (ffm, ["--trace-size", "0"]), (ffm, ["--hidden-size", "-1"])])
 def test_bad_model_flags_are_one_line(script, flags, capsys):

@@ -43,7 +43,7 @@ import sbb_baseline_dqn as sbb
 
 
 # lru_tbb_dqn.py's default rings since issue 36 (half the states on the paper code's ring,
-# |lambda| over [0, 1) and phases up to 2 pi; half on our first, |lambda| 0.9-0.999 and phases
+# |lambda| up to 0.9999 and phases up to 2 pi; half on our first, |lambda| 0.9-0.999 and phases
 # up to pi/10), given explicitly so that these runs stay the same if that default moves.
 MEMORY_FLAGS = {"lru": ["--r-min", "0", "0.9", "--r-max", "0.9999", "0.999",
                         "--max-phase", "6.28", "0.314159"]}

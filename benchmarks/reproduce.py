@@ -59,7 +59,7 @@ TASK_FLAGS = {"RepeatPreviousEasy": ["--gamma", "0.5", "--end-e", "0.1"]}
 # first_lru_init, our first (r in [0.9, 0.999], phases up to pi/10); paper_lru_init, the paper
 # code's (r in [0, 1), phases up to 2 pi; the default of issue 25), r_max just below 1; the two
 # crossed (small_phase_: all radii, small phases; slow_radius_: slow radii, all phases); and
-# split_lru_init, half of each block's states on each of the first two rings (the default
+# split_lru_init, half of each block's states on the paper code's ring, half on ours (the default
 # since issue 36: the kept rows made before are labelled +paper_lru_init). stored_state:
 # R2D2's SBB, each segment from its stored state (with burn-in=N, after an N-step burn-in).
 FLAG_VARIANTS = {"one_env": ["--num-envs", "1"], "stored_state": ["--stored-state"],
