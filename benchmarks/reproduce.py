@@ -296,7 +296,7 @@ def settings(cmd):
     memory = flags[flags.index("--memory") + 1] if "--memory" in flags else next(
         m for m, script in TBB_SCRIPTS.items() if script == os.path.basename(cmd[1]))
     sbb_run = "--segment-length" in flags  # SBB, or an ablation of it
-    given = {f[2:].replace("-", "_") for f in flags if f.startswith("--")}
+    given = {f[2:].split("=")[0].replace("-", "_") for f in flags if f.startswith("--")}
     return {"command": [os.path.relpath(cmd[1], ROOT), *flags],
             "defaults": {k: v for k, v in training_defaults(sbb_run, memory).items()
                          if k not in given | {"output_dir"}}}
