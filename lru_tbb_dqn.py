@@ -352,13 +352,11 @@ def td_loss(params, target_params, batch, gamma, scan):
     target = jax.lax.stop_gradient(td_targets(q_next_online, q_next_target, steps.reward,
                                               steps.terminated, gamma))
     q_taken = jnp.take_along_axis(q, steps.action[:, None], axis=-1)[:, 0]
-    # density: the share of the B slots holding real steps; 1 on a tape, less in SBB's loss.
-    return optax.huber_loss(q_taken, target).mean(), {"q_values": q_taken.mean(),
-                                                       "density": jnp.float32(1.0)}
+    return optax.huber_loss(q_taken, target).mean(), {"q_values": q_taken.mean()}
 
 
 # =============================================================================================
-# (5) Training. A train phase -- sample a tape, TD loss, AdamW step, Polyak target update,
+# (5) Training. A train phase -- sample a tape, TD loss, Adam step, Polyak target update,
 # repeated --updates-per-train times -- is ONE jitted call; the loop around it collects.
 class TrainState(NamedTuple):
     params: dict
@@ -414,9 +412,10 @@ def epsilon_at(step, args):
 
 
 def train(args):
-    """The algorithm box: act in all envs with the recurrent policy, put every finished
-    episode on the tape whole, every --train-frequency steps run one train phase, and evaluate
-    the greedy policy every --eval-every steps. Setup and teardown: plumbing, below the marker."""
+    """The algorithm box: act in all envs with the recurrent policy (at random until
+    --learning-starts), put every finished episode on the tape whole, from then on run one train
+    phase every --train-frequency steps, and evaluate the greedy policy every --eval-every steps
+    and at the end. Setup and teardown: plumbing, below the marker."""
     with stops_cleanly() as stop:  # Ctrl-C or SIGTERM fills `stop`: the run ends after a step
         key, init_key, act_key = jax.random.split(jax.random.PRNGKey(args.seed), 3)
         run = set_up(args, init_key)  # params: init_params(init_key, ...), or --load-model's
@@ -784,7 +783,8 @@ def start_run(args, **extra):
     def log(step, episodes, updates, returns, eval_return, epsilon, metrics):
         """The means of the train returns and the phases' metrics since the last row."""
         nan, elapsed = float("nan"), time.time() - t0
-        row = {name: float(np.mean([m[name] for m in metrics])) if metrics else nan
+        # density: the share of a batch's slots holding real steps, 1 on a tape (SBB's: <= 1)
+        row = {name: float(np.mean([m.get(name, 1.0) for m in metrics])) if metrics else nan
                for name in ("td_loss", "q_values", "density")}
         if metrics and not np.isfinite(row["td_loss"]):
             fail(f"the TD loss became non-finite by step {step}; try a lower --learning-rate or "

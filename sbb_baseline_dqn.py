@@ -59,9 +59,6 @@ import optax  # noqa: E402
 import ffm_tbb_dqn  # noqa: E402
 from ffm_tbb_dqn import td_targets  # noqa: E402  (the same text in every TBB script)
 
-MEMORIES = {"ffm": "ffm_tbb_dqn", "lru": "lru_tbb_dqn",
-            "linear_transformer": "linear_transformer_tbb_dqn"}
-
 
 # =============================================================================================
 # The segment buffer (paper Sec. 4.2, the baseline). A ring of C = --buffer-size // L segment
@@ -258,6 +255,10 @@ def segment_script(memory, segment_length, args=None):
 
 # =============================================================================================
 # ==== Plumbing: not needed to follow the method ====
+MEMORIES = {"ffm": "ffm_tbb_dqn", "lru": "lru_tbb_dqn",
+            "linear_transformer": "linear_transformer_tbb_dqn"}
+
+
 def load_script(memory):
     """A private copy of the TBB script of `memory`: swapping its functions leaves the imported
     module, and any TBB run in the same process, untouched."""

@@ -744,7 +744,7 @@ def test_double_dqn_targets_match_a_plain_loop():
         loss, metrics = ffm.td_loss(online, target, (steps, jnp.asarray(start)), gamma, scan)
         np.testing.assert_allclose(float(loss), huber.mean(), rtol=1e-5)
         np.testing.assert_allclose(float(metrics["q_values"]), expect_q.mean(), rtol=1e-5, atol=1e-6)
-        assert float(metrics["density"]) == 1.0
+        assert set(metrics) == {"q_values"}  # no padding on a tape: the log writes density 1
 
 
 def segment_batch(lengths, L, seed=0):
