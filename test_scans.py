@@ -2033,7 +2033,8 @@ def test_reproduce_variants_swap_one_thing(tmp_path, capsys):
     r2d2 = sbb.parse_args(rep.command("CountRecallEasy", "lru", "sbb50+stored_state+burn-in=50",
                                       1, args)[1][2:])
     assert (r2d2.stored_state, r2d2.burn_in, r2d2.segment_length) == (True, 50, 50)
-    for bad in ("tbb+fast", "sbb10+first_network+fast", "tbb+paper_network", "tbb+=3"):
+    for bad in ("tbb+fast", "sbb10+first_network+fast", "tbb+paper_network", "tbb+=3",
+                "tbb+first_lru_init"):  # the last: a ring, asked of every model
         with pytest.raises(SystemExit) as e:
             rep.parse_args(["--batchings", bad])
         assert e.value.code == 2 and bad in capsys.readouterr().err

@@ -228,6 +228,9 @@ def parse_args(argv=None):
             p.error(f"{batching}: the variants after + are flag=value (any flag of the "
                     f"scripts, e.g. learning-rate=3e-5), {', '.join(FLAG_VARIANTS)} and "
                     f"{', '.join(ABLATIONS)}")
+        lru_ring = any(v.endswith("_lru_init") for v in variants)
+        if lru_ring and args.models != ["lru"] and not args.plot_only:  # else the run fails
+            p.error(f"{batching}: an LRU starting ring, for --models lru alone")
     return args
 
 
