@@ -60,7 +60,7 @@ def parse_args(argv=None):
     add("--k", type=positive, default=10, help="RepeatPrevious: repeat the suit k steps ago")
     add("--num-decks", type=positive, default=2, help="RepeatPrevious: decks (episode length)")
     add("--gamma", type=tbb.UNIT, default=0.5, help="discount of every training run")
-    # With the paper code's ring alone every TBB seed of our LRU evaluated >= 0.99 from 130k steps
+    # With the default rings every TBB seed of our LRU first evaluated >= 0.99 by 130k steps
     add("--total-timesteps", type=positive, default=300_000, help="env steps of every run")
     add("--segment-lengths", type=positive, nargs="+", default=[10, 20], help="SBB's L")
     add("--seeds", type=positive, default=3, help="seeds 1..N of every batching")
