@@ -2277,20 +2277,24 @@ def test_reproduce_paper_recipe_is_the_papers_settings(tmp_path):
     assert cart.total_timesteps == cart.learning_starts + 10000 * 200 and cart.prev_action == "on"
 
 
-def test_reproduce_readme_table_is_the_commands_output():
-    """README section 5's table is what the command named above it draws from the committed
-    curves (and so is figures/results.md): redraw it with that command, never edit it."""
+def test_reproduce_readme_tables_are_the_commands_output():
+    """Each of README's result tables (section 5's, the R2D2 section's) is what the command
+    named above it draws from the committed curves (and so is its file under figures/): redraw
+    it with that command, never edit it."""
     import re
     rep = load_reproduce()
     text = open(os.path.join(HERE, "README.md")).read()
-    begin = re.search(r"<!-- results table: python benchmarks/reproduce.py (.*?) -->\n", text)
-    end = text.index("<!-- end of results table -->")
-    args = rep.parse_args(begin.group(1).split())
-    assert args.plot_only and args.course_table
-    table = rep.course_table(rep.asked_curves(rep.kept_curves(os.path.join(HERE, args.curves)),
-                                              args)[0], args)
-    assert text[begin.end():end] == table, "README's results table: rerun " + begin.group(1)
-    assert open(os.path.join(HERE, args.course_table)).read() == table
+    tables = list(re.finditer(r"<!-- (\w+) table: python benchmarks/reproduce.py (.*?) -->\n",
+                              text))
+    assert [m.group(1) for m in tables][:1] == ["results"]
+    for begin in tables:
+        end = text.index(f"<!-- end of {begin.group(1)} table -->")
+        args = rep.parse_args(begin.group(2).split())
+        assert args.plot_only and args.course_table
+        table = rep.course_table(rep.asked_curves(
+            rep.kept_curves(os.path.join(HERE, args.curves)), args)[0], args)
+        assert text[begin.end():end] == table, "README's table: rerun " + begin.group(2)
+        assert open(os.path.join(HERE, args.course_table)).read() == table
 
 
 def fake_course_curve(returns):
@@ -2354,6 +2358,35 @@ def test_reproduce_course_table_and_figure(tmp_path, capsys):
     count_recall = 2 * rep.COURSE_CELLS.index(("CountRecallEasy", "ffm"))
     assert rows[count_recall][2:] == ["no run kept", "no run kept", "-0.90 (1 seed); never",
                                       "no run kept"]
+
+
+def test_reproduce_r2d2_runs_and_table(tmp_path):
+    """--r2d2 runs the R2D2 cells (each with its own L) and tabulates one row per cell: TBB,
+    SBB from zero, from stored states, and with a burn-in of L, each run as those flags."""
+    rep = load_reproduce()
+    args = rep.parse_args(["--recipe", "paper", "--r2d2", "--curves", str(tmp_path / "c.csv"),
+                           "--grid-dir", str(tmp_path / "grid")])
+    assert args.course_table == os.path.join("figures", "r2d2.md") and args.table is None
+    keys = rep.grid(args)
+    assert len(keys) == len(set(keys)) == (len(rep.R2D2_CELLS) * 4 - 1) * 3  # one TBB a task
+    flags = {b: rep.command(task, "ffm", b, 1, args)[1] for task, _, b, _ in keys
+             if task == "CountRecallEasy"}
+    burn = sbb.parse_args(flags["sbb50+stored_state+burn-in=50"][2:])
+    assert (burn.segment_length, burn.stored_state, burn.burn_in) == (50, True, 50)
+    stored, zero = (sbb.parse_args(flags[b][2:]) for b in ("sbb10+stored_state", "sbb10"))
+    assert (stored.segment_length, stored.stored_state, stored.burn_in) == (10, True, 0)
+    assert (zero.stored_state, zero.burn_in) == (False, 0)
+    assert os.path.basename(flags["tbb"][1]) == "ffm_tbb_dqn.py"
+    curves = {("CountRecallEasy", "ffm", "sbb50+stored_state", s): fake_course_curve([-1, 0.95])
+              for s in (1, 2, 3)}
+    rows = [[c.strip() for c in line.split("|")[1:-1]]
+            for line in rep.course_table(curves, args).splitlines()]
+    assert len(rows) == 2 + len(rep.R2D2_CELLS) and len(rows[0]) == 5
+    assert rows[-1] == ["CountRecallEasy, FFM, L = 50", "no run kept", "no run kept",
+                        "+0.95 (+0.95, +0.95); 1, 1, 1", "no run kept"]
+    assert all(r[1:] == ["no run kept"] * 4 for r in rows[2:-1])
+    with pytest.raises(SystemExit):
+        rep.parse_args(["--recipe", "paper", "--r2d2", "--batchings", "tbb"])
 
 
 def test_reproduce_plot_only_names_what_is_missing(tmp_path, capsys):

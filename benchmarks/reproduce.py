@@ -15,6 +15,8 @@ and its Fig. 3. Every file written is named on stdout.
                                                  # README section 5 from the kept curves
     python benchmarks/reproduce.py --recipe paper --plot-only --variant first_network
                                                  # the same from the rows tbb+first_network, ...
+    python benchmarks/reproduce.py --recipe paper --r2d2 --jobs 2
+                                                 # TBB against R2D2's SBB (README), then its table
 
     python benchmarks/reproduce.py --recipe paper --commands | parallel -j 8
                                                  # the unfinished runs, one shell line each
@@ -176,6 +178,10 @@ def parse_args(argv=None):
     p.add_argument("--course-table", default=None, help="README section 5's table (paper "
                    "recipe), the same cells and batchings, the paper's code and its figure; "
                    "None: figures/results.md, on the same terms as --course-figure")
+    p.add_argument("--r2d2", action="store_true", help="README's R2D2 section instead of "
+                   "section 5 (paper recipe): the cells of R2D2_CELLS, TBB and SBB from zero, "
+                   "from stored states and with a burn-in; the grid runs them, --course-table "
+                   "and --course-figure default to figures/r2d2.md and .png")
     p.add_argument("--variant", default="",
                    help="variants joined to our batchings with +, e.g. first_network: "
                         "tbb+first_network, sbb10+first_network, ... (the paper's code stays)")
@@ -190,6 +196,9 @@ def parse_args(argv=None):
     suffix = "_paper" if paper else ""
     # The paper recipe draws the course's table and figure, unless asked for the full ones.
     course = paper and args.batchings is None and args.figure is None and args.table is None
+    if args.r2d2 and not course:
+        p.error("--r2d2 picks its cells and batchings and draws --course-table and "
+                "--course-figure: add --recipe paper, leave out --batchings, --figure, --table")
     detail = not paper or args.batchings is not None or args.figure or args.table
     whole = args.tasks is None and args.models == list(TBB_SCRIPTS)  # every course cell
     args.tasks = args.tasks or (list(PAPER_TASKS) if paper else [
@@ -205,8 +214,9 @@ def parse_args(argv=None):
         args.table = args.table or os.path.join(folder, f"tbb_vs_sbb{suffix}.md")
     if course:  # README section 5's files; a subset of its cells goes beside the runs
         folder = "figures" if whole else args.grid_dir
-        args.course_figure = args.course_figure or os.path.join(folder, "results.png")
-        args.course_table = args.course_table or os.path.join(folder, "results.md")
+        name = "r2d2" if args.r2d2 else "results"
+        args.course_figure = args.course_figure or os.path.join(folder, f"{name}.png")
+        args.course_table = args.course_table or os.path.join(folder, f"{name}.md")
     if (args.course_figure or args.course_table) and not paper:
         p.error("--course-figure and --course-table draw the paper recipe's cells: add "
                 "--recipe paper")
@@ -433,6 +443,10 @@ def asked_curves(kept, args):
 
 
 def grid(args):
+    if args.r2d2:  # no product: each cell has its own L (and two cells share one TBB)
+        return list(dict.fromkeys((t, m, ours(b, args), s) for t, m, batchings, _ in
+                                  course_cells(args) for b in batchings
+                                  for s in range(1, args.seeds + 1)))
     return [(task, model, batching, seed) for task in args.tasks for model in args.models
             for batching in args.batchings for seed in range(1, args.seeds + 1)]
 
@@ -614,18 +628,41 @@ COURSE_CELLS = tuple((task, model) for task in PAPER_TASKS for model in TBB_SCRI
 COURSE_BATCHINGS = ("tbb", "sbb10", "sbb50", "sbb100")
 COURSE_SMOOTHING = 21  # evaluations in the course figure's moving mean (210 updates)
 MODEL_NAMES = {"ffm": "FFM", "lru": "LRU", "linear_transformer": "linear transformer"}
+# README's R2D2 section (issue 37): FFM where SBB from zero lost most to TBB, (task, model, L);
+# each cell's columns are TBB, SBB at L from zero, from stored states, and with a burn-in of L.
+R2D2_CELLS = (("RepeatFirstEasy", "ffm", 10), ("RepeatPrevious2x10", "ffm", 10),
+              ("CountRecallEasy", "ffm", 10), ("CountRecallEasy", "ffm", 50))
+R2D2_COLUMNS = ("TBB", "SBB from zero", "SBB from stored states", "stored + burn-in of L")
 
 
 def course_cells(args):
-    return [(t, m) for t, m in COURSE_CELLS if t in args.tasks and m in args.models]
+    """The cells README draws under args: [(task, model, its batchings, one per column, name)]."""
+    if args.r2d2:
+        return [(t, m, r2d2_batchings(L), f"{t}, {MODEL_NAMES[m]}, L = {L}")
+                for t, m, L in R2D2_CELLS if t in args.tasks and m in args.models]
+    return [(t, m, COURSE_BATCHINGS, f"{t}, {MODEL_NAMES[m]}") for t, m in COURSE_CELLS
+            if t in args.tasks and m in args.models]
+
+
+def r2d2_batchings(L):
+    return ("tbb", f"sbb{L}", f"sbb{L}+stored_state", f"sbb{L}+stored_state+burn-in={L}")
+
+
+def course_columns(args):
+    """-> (the column names of README's table under args, their colours in its figure)."""
+    names, batchings = ((R2D2_COLUMNS, r2d2_batchings(10)) if args.r2d2 else
+                        (tuple(map(batching_name, COURSE_BATCHINGS)), COURSE_BATCHINGS))
+    return names, [COLOURS[b] for b in batchings]
 
 
 def course_keys(args):
-    """Every run README section 5 may draw under args: ours and the paper code's, per seed."""
+    """Every run README may draw under args: ours and the paper code's (section 5), per seed."""
     if args.recipe != "paper":
         return []
-    return [(t, m, b, s) for t, m in course_cells(args) for own in COURSE_BATCHINGS
-            for b in (ours(own, args), f"paper-{own}") for s in range(1, args.seeds + 1)]
+    paper = () if args.r2d2 else ("paper-",)  # the paper never ran R2D2's SBB
+    return [(t, m, b, s) for t, m, batchings, _ in course_cells(args) for own in batchings
+            for b in (ours(own, args), *(f"{p}{own}" for p in paper))
+            for s in range(1, args.seeds + 1)]
 
 
 def ours(batching, args):
@@ -642,17 +679,18 @@ def course_table(curves, args):
     seeds, 95% bootstrap interval) and each seed's updates to the first eval >= 0.9; then the
     paper's code run here (final eval; updates to 0.9) and the paper's Fig. 3, for TBB and SBB
     at each L. A batching without finished runs says so; every cell of COURSE_CELLS has its
-    rows."""
+    rows. With --r2d2, R2D2's table: our row alone, for every cell of R2D2_CELLS."""
     def updates(runs):
         reached = [first_reaching(c, 0.9) for c in runs]
         return "never" if set(reached) == {"never"} else ", ".join(reached)
 
-    lines = ["| cell of Fig. 3 | row | " + " | ".join(map(batching_name, COURSE_BATCHINGS))
-             + " |", "|---" * (2 + len(COURSE_BATCHINGS)) + "|"]
-    for task, model in course_cells(args):
+    head = (["cell: final eval (95% CI); updates to 0.9"] if args.r2d2 else  # one row a cell
+            ["cell of Fig. 3", "row"]) + list(course_columns(args)[0])
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for task, model, batchings, name in course_cells(args):
         ours_row, paper_row = [], []
         paper = PAPER_FIG3.get((task, model), {})
-        for b in COURSE_BATCHINGS:
+        for b in batchings:
             runs = finished_curves(curves, task, model, ours(b, args), args)
             if runs:
                 last = np.array([c["eval_return"][-1] for c in runs])
@@ -668,7 +706,9 @@ def course_table(curves, args):
                     f"{updates(runs)}" if runs else "no run kept")
             figure = paper.get(b, paper.get("sbb" if b != "tbb" else "", "not read"))
             paper_row.append(f"{code} / {figure}")
-        name = f"{task}, {MODEL_NAMES[model]}"
+        if args.r2d2:
+            lines.append(f"| {name} | " + " | ".join(ours_row) + " |")
+            continue
         for label, row in (("ours: final eval (95% CI); updates to 0.9", ours_row),
                            ("paper's code here (final; updates to 0.9) / Fig. 3", paper_row)):
             lines.append(f"| {name} | {label} | " + " | ".join(row) + " |")
@@ -690,17 +730,19 @@ def course_figure(curves, args, path):
     one colour per batching, the mean over seeds of each seed's moving-mean curve with a 95%
     bootstrap band. -> the cells drawn, [(task, model), ...]; no file if none."""
     panels = []
-    for task, model in course_cells(args):
+    names, colours = course_columns(args)
+    for task, model, batchings, title in course_cells(args):
         lines = {}
-        for b in COURSE_BATCHINGS:
+        for column, b in enumerate(batchings):
             runs = finished_curves(curves, task, model, ours(b, args), args)
             if runs:
                 n = min(len(c["updates"]) for c in runs)
                 keep = runs[0]["updates"][:n] >= 1  # from the first update on
                 returns = np.stack([c["eval_return"][:n][keep] for c in runs])
-                lines[b] = (runs[0]["updates"][:n][keep], smoothed(returns, COURSE_SMOOTHING))
+                lines[column] = (runs[0]["updates"][:n][keep],
+                                 smoothed(returns, COURSE_SMOOTHING))
         if lines:
-            panels.append((task, model, lines))
+            panels.append((task, model, title, lines))
     if not panels:
         return []
     import matplotlib
@@ -710,12 +752,12 @@ def course_figure(curves, args, path):
     cols = min(len(panels), 4 if len(panels) > 6 else 3)
     rows = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows + 0.6), squeeze=False)
-    for ax, (task, model, lines) in zip(axes.flat, panels):
-        for b, (x, returns) in lines.items():
+    for ax, (task, model, title, lines) in zip(axes.flat, panels):
+        for column, (x, returns) in lines.items():
             mean, low, high = bootstrap_ci(returns, np.random.default_rng(0))
-            ax.plot(x, mean, color=COLOURS[b], label=batching_name(b), linewidth=1.2)
-            ax.fill_between(x, low, high, color=COLOURS[b], alpha=0.2, linewidth=0)
-        ax.set_title(f"{task}, {MODEL_NAMES[model]}", fontsize=10)
+            ax.plot(x, mean, color=colours[column], linewidth=1.2)
+            ax.fill_between(x, low, high, color=colours[column], alpha=0.2, linewidth=0)
+        ax.set_title(title, fontsize=10)
         ax.set_xlim(0, max(x[-1] for x, _ in lines.values()))
         ax.set_xlabel("updates", fontsize=9)
         ax.grid(alpha=0.3)
@@ -723,9 +765,8 @@ def course_figure(curves, args, path):
         row[0].set_ylabel("greedy eval return", fontsize=9)
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
-    handles = {b: plt.Line2D([], [], color=COLOURS[b]) for b in COURSE_BATCHINGS}
-    fig.legend(handles.values(), map(batching_name, handles), loc="upper center",
-               ncol=len(handles), fontsize=9, frameon=False)
+    fig.legend([plt.Line2D([], [], color=c) for c in colours], names, loc="upper center",
+               ncol=len(names), fontsize=9, frameon=False)
     variant = f", our batchings +{args.variant}" if args.variant else ""
     fig.suptitle(f"The paper's recipe{variant}: mean over seeds (the table says how many) of "
                  f"each seed's centred moving mean over {COURSE_SMOOTHING} evaluations "
@@ -735,15 +776,15 @@ def course_figure(curves, args, path):
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return [(task, model) for task, model, _ in panels]
+    return [(task, model) for task, model, _, _ in panels]
 
 
 def summarise_course(curves, args):
     """README section 5's table (printed, and written to --course-table) and figure."""
     if not any(finished_curves(curves, t, m, ours(b, args), args)
-               for t, m in course_cells(args) for b in COURSE_BATCHINGS):
-        nothing_to_plot(args, "the course cells with "
-                        + " ".join(ours(b, args) for b in COURSE_BATCHINGS))
+               for t, m, batchings, _ in course_cells(args) for b in batchings):
+        nothing_to_plot(args, "the course cells with " + " ".join(sorted(
+            {ours(b, args) for _, _, batchings, _ in course_cells(args) for b in batchings})))
     wrote = []
     if args.course_table:
         table = course_table(curves, args)
