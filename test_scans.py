@@ -1580,6 +1580,18 @@ def test_throughput_bad_input_is_one_line(flags, message, capsys):
     assert exit_info.value.code == 2 and len(lines) == 1 and message in lines[0], lines
 
 
+def test_throughput_times_tbb_and_sbb_updates():
+    """The update timings README section 5.3 quotes run for a TBB script (every slot a real
+    step) and for SBB (the density of 51-step episodes in segments of 10: 51 / 60)."""
+    tp = load_benchmark("throughput")
+    (b, scan, ms, compile_s, density), = tp.update_timings(ffm, [120], ("sequential",), 1)
+    assert (b, scan, density) == (120, "sequential", 1.0) and ms > 0 and compile_s > 0
+    (b, L, scan, ms, _, density, expected), = tp.sbb_update_timings("ffm", [600], [10],
+                                                                    ("sequential",), 3)
+    # 180 segments drawn, each 1 or 0.1 dense: the standard error of their mean is 0.025
+    assert (b, L) == (600, 10) and expected == 51 / 60 and abs(density - expected) < 0.1
+
+
 def test_ablations_read_memory_as_argparse_does(monkeypatch, capsys):
     abl = load_benchmark("ablations")
 
