@@ -1930,17 +1930,31 @@ def test_repeat_previous_rewards_the_suit_k_minus_1_observations_back(k):
         assert (min(rewards) > 0) == (age == k - 1)
 
 
-def test_vml_reuses_a_finished_run(tmp_path):
-    """...and not an interrupted one, which keeps its params.npz too."""
+def test_vml_reuses_a_finished_run_of_the_same_settings(tmp_path, monkeypatch):
+    """...and not an interrupted one, which keeps its params.npz too, nor one made with other
+    settings (another --k, --gamma, or a default that changed since): that one is trained again."""
     args = vml.parse_args(["--output-dir", str(tmp_path)])
+    made_with = sbb.parse_args([*args.run_flags, "--seed", "2", "--save-model", "--output-dir",
+                                "elsewhere", "--exp-name", "sbb10", *args.script_flags,
+                                "--memory", "lru", "--segment-length", "10"])
     for name, last_step in (("Task__sbb10__2__0", 300_000), ("Task__sbb10__2__1", 4_000)):
         run_dir = tmp_path / "runs" / "sbb10" / "seed2" / name
         run_dir.mkdir(parents=True)
         (run_dir / "params.npz").write_bytes(b"")
+        (run_dir / "args.json").write_text(json.dumps({**vars(made_with), "scan_used": "x"}))
         (run_dir / "metrics.csv").write_text(f"global_step,eval_return\n{last_step},0.5\n")
-        assert vml.finished(str(run_dir), args.total_timesteps) == (last_step == 300_000)
+        assert vml.finished(str(run_dir), made_with) == (last_step == 300_000)
+    trained = []
+    monkeypatch.setattr(sbb, "train", lambda run_args: trained.append(run_args) or "trained")
     # the newer, interrupted run is passed over: no training started
-    assert vml.trained_run(args, "sbb10", 2, []) == str(run_dir.parent / "Task__sbb10__2__0")
+    assert vml.trained_run(args, "sbb10", 2, args.run_flags) == str(
+        run_dir.parent / "Task__sbb10__2__0") and not trained
+    for flags in (["--k", "5"], ["--gamma", "0.9"], ["--hidden-size", "32"]):
+        other = vml.parse_args(["--output-dir", str(tmp_path), *flags])
+        assert vml.trained_run(other, "sbb10", 2, other.run_flags) == "trained"
+    assert len(trained) == 3
+    changed = argparse.Namespace(**{**vars(made_with), "learning_rate": 3e-4})  # a new default
+    assert not vml.finished(str(run_dir.parent / "Task__sbb10__2__0"), changed)
 
 
 def test_vml_trains_lru_on_the_split_ring_unless_told_otherwise():

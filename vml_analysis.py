@@ -23,7 +23,9 @@ Run:   python vml_analysis.py                     # --seeds 3 of TBB, SBB L = 10
 Flags the analysis does not know go to every training run (model sizes, lr, ...), but for
 those it sets itself (the seed, env, run name and folder). Runs of at most 100,000 steps (the
 scripts' --learning-starts) start to learn after a third of them.
-Finished runs under --output-dir/runs are reused, so a second call only analyses.
+A finished run under --output-dir/runs is reused only if it was made with the same settings
+(its args.json), so a second call only analyses; with other settings (e.g. another --k or a
+changed default) the run is trained again, beside the old one.
 """
 
 import argparse
@@ -145,30 +147,40 @@ def q_fn_of(script, params):
 # ---------------------------------------------------------------------------------------------
 # Training (the scripts' own code), or the finished run, and greedy episodes
 # ---------------------------------------------------------------------------------------------
-def finished(run_dir, total_timesteps):
-    """A run that went the whole way: params.npz, and a last metrics row at the budget (an
-    interrupted run keeps its params.npz too)."""
-    if not os.path.isfile(os.path.join(run_dir, "params.npz")):
+def finished(run_dir, run_args):
+    """A run that went the whole way with the settings `run_args` (the parsed flags it would be
+    trained with): params.npz, its args.json equal to them but for the folder, and a last
+    metrics row at the budget (an interrupted run keeps its params.npz too)."""
+    made_with = json.loads(json.dumps(vars(run_args)))  # as args.json writes them: lists, ...
+    try:
+        with open(os.path.join(run_dir, "args.json")) as f:
+            saved = json.load(f)
+        with open(os.path.join(run_dir, "metrics.csv")) as f:
+            rows = list(csv.DictReader(f))
+        if not os.path.isfile(os.path.join(run_dir, "params.npz")) or not rows:
+            return False
+        return (all(saved.get(k) == v for k, v in made_with.items() if k != "output_dir")
+                and int(rows[-1]["global_step"]) >= run_args.total_timesteps)
+    except (OSError, ValueError, KeyError, AttributeError):  # not a finished run of ours
         return False
-    with open(os.path.join(run_dir, "metrics.csv")) as f:
-        rows = list(csv.DictReader(f))
-    return bool(rows) and int(rows[-1]["global_step"]) >= total_timesteps
 
 
 def trained_run(args, batching, seed, run_flags):
-    """The run folder of (batching, seed): reused when it finished, else trained."""
+    """The run folder of (batching, seed): reused when it finished with these settings, else
+    trained."""
     out = os.path.join(args.output_dir, "runs", batching, f"seed{seed}")
-    done = [os.path.join(out, d) for d in sorted(os.listdir(out))] if os.path.isdir(out) else []
-    done = [d for d in done if finished(d, args.total_timesteps)]
-    if done:
-        return done[-1]
     flags = [*run_flags, "--seed", str(seed), "--save-model", "--output-dir", out,
              "--exp-name", batching, *args.script_flags]
     if batching == "tbb":
         script = importlib.import_module(sbb.MEMORIES[args.memory])
-        return script.train(script.parse_args(flags))
-    return sbb.train(sbb.parse_args([*flags, "--memory", args.memory,
-                                     "--segment-length", batching[3:]]))
+        run_args = script.parse_args(flags)
+    else:
+        script = sbb
+        run_args = sbb.parse_args([*flags, "--memory", args.memory, "--segment-length",
+                                   batching[3:]])
+    done = [os.path.join(out, d) for d in sorted(os.listdir(out))] if os.path.isdir(out) else []
+    done = [d for d in done if finished(d, run_args)]
+    return done[-1] if done else script.train(run_args)
 
 
 def final_eval_return(run_dir):
