@@ -2086,7 +2086,7 @@ def test_reproduce_resumes_and_tabulates(tmp_path, monkeypatch):
     flags = ["--tasks", "RepeatFirstEasy", "--models", "ffm", "--batchings", "tbb", "sbb10",
              "--seeds", "2", "--total-timesteps", "300", "--grid-dir", grid,
              "--figure", str(tmp_path / "f.png"), "--table", str(tmp_path / "t.md"),
-             "--curves", str(tmp_path / "c.csv")]
+             "--curves", str(tmp_path / "c.csv"), "--extra", "--learning-starts 100"]
     args = rep.parse_args(flags)
     curves = {("tbb", 1): [0.0, 0.5, 1.0], ("tbb", 2): [0.0, 0.25, 0.5],
               ("sbb10", 1): [0.0, 0.0, 0.25]}
@@ -2230,6 +2230,7 @@ def test_reproduce_a_changed_default_is_another_run(monkeypatch):
     monkeypatch.setattr(sbb, "load_script", changed_script)
     for changed, same in ((["--r-min", "0", "0.5"], False), (["--learning-rate", "0.5"], True)):
         rep.training_defaults.cache_clear()
+        rep.training_parser.cache_clear()
         after = [rep.settings_id(key, args) for key in keys]
         assert [a == b for a, b in zip(after, today)] == [same, same]
 
@@ -2239,6 +2240,22 @@ def test_reproduce_a_changed_default_is_another_run(monkeypatch):
     (["--seeds", "-3"], "argument --seeds: must be a positive integer, got -3"),
     (["--tasks", "NotAnEnv"], "--tasks: NotAnEnv is neither a POPGym class nor a gymnasium id"),
     (["--job", "2"], "unrecognized arguments: --job 2"),  # no abbreviations
+    (["--plot-only", "--commands"], "--commands prints the runs to make, --plot-only draws"),
+    (["--curves", "."], "--curves '.': a CSV file is needed"),
+    (["--recipe", "paper", "--plot-only", "--course-figure", "f.txt"],
+     "--course-figure f.txt: name a .png, .pdf or .svg file"),
+    (["--recipe", "paper", "--r2d2", "--models", "lru", "--plot-only"],
+     "--r2d2: none of its cells (FFM on RepeatFirstEasy"),
+    # flags for the runs that the grid sets, or that every run would stop on
+    (["--extra", "--seed 5"], "--seed is set for each run by the grid"),
+    (["--batchings", "tbb", "sbb10+seed=7"], "--seed is set for each run by the grid"),
+    (["--models", "ffm", "--extra", "--num-env 16"], "every run of tbb on RepeatFirstEasy (ffm) "
+     "would stop at once (with --extra '--num-env 16'): ffm_tbb_dqn.py: unrecognized arguments"),
+    (["--models", "lru", "--batchings", "sbb10+bogus-flag=1"], "every run of sbb10+bogus-flag=1 "
+     "on RepeatFirstEasy (lru) would stop at once: sbb_baseline_dqn.py: unrecognized arguments"),
+    (["--recipe", "paper", "--extra", "--learning-starts 9999999"], "every run of tbb on "
+     "RepeatFirstEasy (ffm) would stop at once (with --extra '--learning-starts 9999999'): "
+     "ffm_tbb_dqn.py: --learning-starts 9,999,999 is not below --total-timesteps 510,000"),
 ])
 def test_reproduce_bad_input_is_one_line(flags, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -2392,7 +2409,9 @@ def test_reproduce_r2d2_runs_and_table(tmp_path):
     rep = load_reproduce()
     args = rep.parse_args(["--recipe", "paper", "--r2d2", "--curves", str(tmp_path / "c.csv"),
                            "--grid-dir", str(tmp_path / "grid")])
-    assert args.course_table == os.path.join("figures", "r2d2.md") and args.table is None
+    assert args.course_table == str(tmp_path / "grid" / "r2d2.md") and args.table is None
+    assert rep.parse_args(["--recipe", "paper", "--r2d2", "--plot-only"]).course_figure == (
+        os.path.join("figures", "r2d2.png"))
     keys = rep.grid(args)
     assert len(keys) == len(set(keys)) == (len(rep.R2D2_CELLS) * 4 - 1) * 3  # one TBB a task
     flags = {b: rep.command(task, "ffm", b, 1, args)[1] for task, _, b, _ in keys
@@ -2413,6 +2432,52 @@ def test_reproduce_r2d2_runs_and_table(tmp_path):
     assert all(r[1:] == ["no run kept"] * 4 for r in rows[2:-1])
     with pytest.raises(SystemExit):
         rep.parse_args(["--recipe", "paper", "--r2d2", "--batchings", "tbb"])
+
+
+def test_reproduce_bad_curves_or_outputs_stop_in_one_line(tmp_path, capsys):
+    """A curves CSV that is not one, or an output that cannot be written, stops the command in
+    one line naming its flag (before any run), not with a traceback after it."""
+    rep = load_reproduce()
+    (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
+    (tmp_path / "a_file").write_text("")
+    cases = [(["--curves", str(tmp_path / "bad.csv")], "--curves", "not a curves CSV"),
+             (["--course-table", str(tmp_path / "a_file" / "t.md")], "--course-table",
+              "a file is in the way"),
+             (["--course-figure", str(tmp_path)], "--course-figure", "name a .png"),
+             (["--course-table", str(tmp_path)], "--course-table", "is a folder")]
+    for flags, flag, says in cases:
+        with pytest.raises(SystemExit) as e:
+            args = rep.parse_args(["--recipe", "paper", "--plot-only", "--grid-dir",
+                                   str(tmp_path / "grid"), *flags])
+            rep.check_outputs(args)
+            rep.summarise(args)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and len(err.splitlines()) == 1, err
+        assert err.startswith(f"reproduce.py: error: {flag} ") and says in err, err
+
+
+def test_reproduce_writes_committed_files_only_for_the_documented_commands():
+    """figures/ holds what README shows: a subset of runs, other curves, a variant or other
+    flags are drawn beside the runs, never over it."""
+    rep = load_reproduce()
+    paper = ["--recipe", "paper", "--plot-only"]
+    assert rep.parse_args(paper).course_table == os.path.join("figures", "results.md")
+    assert rep.parse_args(["--plot-only"]).figure == os.path.join("figures", "tbb_vs_sbb.png")
+    grid = os.path.join("runs", "reproduce_paper")
+    for flags in (["--curves", "benchmarks/curves_first_network.csv"],
+                  ["--variant", "first_network"], ["--tasks", "CountRecallEasy"],
+                  ["--models", "ffm"], ["--seeds", "2"], ["--extra", "--num-envs 16"]):
+        args = rep.parse_args(paper + flags)
+        assert (args.course_table, args.course_figure) == (
+            os.path.join(grid, "results.md"), os.path.join(grid, "results.png")), flags
+    for flags in (["--tasks", "RepeatFirstEasy"], ["--batchings", "tbb"],
+                  ["--total-timesteps", "3000"], ["--curves", "c.csv"]):
+        args = rep.parse_args(["--plot-only", *flags])
+        assert args.figure == os.path.join("runs", "reproduce", "tbb_vs_sbb.png"), flags
+    # --extra is split as a shell splits it: a JSON argument with spaces stays one
+    args = rep.parse_args(["--models", "ffm", "--extra", """--env-kwargs '{"k": 3}'"""])
+    assert rep.command("RepeatFirstEasy", "ffm", "tbb", 1, args)[1][-2:] == [
+        "--env-kwargs", '{"k": 3}']
 
 
 def test_reproduce_plot_only_names_what_is_missing(tmp_path, capsys):

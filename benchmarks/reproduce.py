@@ -13,8 +13,9 @@ and its Fig. 3. Every file written is named on stdout.
                                                  # the paper's own settings, task by task
     python benchmarks/reproduce.py --recipe paper --plot-only
                                                  # README section 5 from the kept curves
-    python benchmarks/reproduce.py --recipe paper --plot-only --variant first_network
-                                                 # the same from the rows tbb+first_network, ...
+    python benchmarks/reproduce.py --recipe paper --plot-only --curves benchmarks/curves_first_network.csv
+                                                 # the same from our first network's curves
+                                                 # (beside the runs: figures/ is README's)
     python benchmarks/reproduce.py --recipe paper --r2d2 --jobs 2
                                                  # TBB against R2D2's SBB (README), then its table
 
@@ -34,13 +35,16 @@ again, and its old curve stays kept beside the new one but is never drawn for th
 """
 
 import argparse
+import contextlib
 import csv
 import hashlib
+import io
 import json
 import os
 import shlex
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -192,15 +196,23 @@ def parse_args(argv=None):
                    "every unfinished run, exactly as the runner would start it (for GNU parallel "
                    "or a job array; run them from this folder, then --plot-only)")
     args = p.parse_args(argv)
+    if args.plot_only and args.commands:
+        p.error("--commands prints the runs to make, --plot-only draws those made: give one")
+    if args.curves is not None and (not args.curves.strip() or os.path.isdir(args.curves)):
+        p.error(f"--curves {args.curves!r}: a CSV file is needed")
     paper = args.recipe == "paper"
     suffix = "_paper" if paper else ""
+    # Committed files (figures/) are the defaults of the documented commands alone: any other
+    # set of runs (a subset, other curves, a variant, other flags) is drawn beside its runs.
+    documented = (args.tasks is None and args.models == list(TBB_SCRIPTS) and not args.extra
+                  and args.curves is None and not args.variant and args.seeds == 3
+                  and (paper or args.batchings is None and args.total_timesteps == 300_000))
     # The paper recipe draws the course's table and figure, unless asked for the full ones.
     course = paper and args.batchings is None and args.figure is None and args.table is None
     if args.r2d2 and not course:
         p.error("--r2d2 picks its cells and batchings and draws --course-table and "
                 "--course-figure: add --recipe paper, leave out --batchings, --figure, --table")
     detail = not paper or args.batchings is not None or args.figure or args.table
-    whole = args.tasks is None and args.models == list(TBB_SCRIPTS)  # every course cell
     args.tasks = args.tasks or (list(PAPER_TASKS) if paper else [
         "RepeatFirstEasy", "RepeatPreviousEasy", "CountRecallEasy", "PositionOnlyCartPoleEasy"])
     args.batchings = args.batchings or ["tbb", "sbb10", "sbb50"] + ["sbb100"] * paper
@@ -208,12 +220,12 @@ def parse_args(argv=None):
         args.batchings = [b if b.startswith("paper-") else f"{b}+{args.variant}"
                           for b in args.batchings]
     args.grid_dir = args.grid_dir or os.path.join("runs", "reproduce" + suffix)
-    if detail:  # the paper recipe's subsets go beside their runs, not over committed figures
-        folder = args.grid_dir if paper else "figures"
+    if detail:  # the paper recipe's are always subsets
+        folder = "figures" if documented and not paper else args.grid_dir
         args.figure = args.figure or os.path.join(folder, f"tbb_vs_sbb{suffix}.png")
         args.table = args.table or os.path.join(folder, f"tbb_vs_sbb{suffix}.md")
-    if course:  # README section 5's files; a subset of its cells goes beside the runs
-        folder = "figures" if whole else args.grid_dir
+    if course:  # README's files
+        folder = "figures" if documented else args.grid_dir
         name = "r2d2" if args.r2d2 else "results"
         args.course_figure = args.course_figure or os.path.join(folder, f"{name}.png")
         args.course_table = args.course_table or os.path.join(folder, f"{name}.md")
@@ -228,6 +240,12 @@ def parse_args(argv=None):
         if unknown:
             p.error(f"--tasks: {', '.join(unknown)} is neither a POPGym class nor a gymnasium "
                     "id (e.g. RepeatFirstEasy, CartPole-v1)")
+    for path, flag in ((args.figure, "--figure"), (args.course_figure, "--course-figure")):
+        if path and os.path.splitext(path)[1].lower() not in (".png", ".pdf", ".svg"):
+            p.error(f"{flag} {path}: name a .png, .pdf or .svg file")
+    if args.r2d2 and not course_cells(args):
+        p.error("--r2d2: none of its cells (FFM on RepeatFirstEasy, RepeatPrevious2x10, "
+                "CountRecallEasy) is among --tasks and --models")
     for batching in args.batchings:
         b, *variants = batching.removeprefix("paper-").split("+")  # paper-: the paper's own
         # code, plotted, never run (official.py)
@@ -241,7 +259,41 @@ def parse_args(argv=None):
         lru_ring = any(v.endswith("_lru_init") for v in variants)
         if lru_ring and args.models != ["lru"] and not args.plot_only:  # else the run fails
             p.error(f"{batching}: an LRU starting ring, for --models lru alone")
+    if not args.plot_only:
+        check_run_flags(args, p)
     return args
+
+
+# Flags the grid sets for each run; in --extra or a variant they would make every seed (or
+# task) one run, or put it where the grid never looks.
+GRID_FLAGS = ("--env-id", "--seed", "--total-timesteps", "--exp-name", "--output-dir")
+
+
+def check_run_flags(args, p):
+    """Refuse now, in one line, a flag of --extra or of a variant that every run would stop on
+    (unknown, malformed, refused by the training script) or that the grid sets itself."""
+    try:
+        extra = shlex.split(args.extra)
+    except ValueError as e:
+        p.error(f"--extra {args.extra!r}: {e}")
+    variants = [f for b in args.batchings for v in b.split("+")[1:] for f in flag_variant(v) or []]
+    for flag in (f.split("=")[0] for f in extra + variants if f.startswith("--")):
+        if flag in GRID_FLAGS:
+            p.error(f"{flag} is set for each run by the grid (see --tasks, --seeds, "
+                    "--total-timesteps, --grid-dir): leave it out of --extra and the variants")
+    for key in (key for key in grid(args) if key[3] == 1):  # seeds differ in --seed alone
+        cmd = command(*key, args)[1]
+        if cmd is None or os.path.basename(cmd[1]) == "ablations.py":  # its flags: checked
+            continue  # as it starts
+        flags, err = settings(cmd)["command"][1:], io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err):
+                training_parser("--segment-length" in flags, key[1])(flags)
+        except SystemExit:
+            said = (err.getvalue().strip().splitlines() or ["(no message)"])[-1]
+            p.error(f"every run of {key[2]} on {key[0]} ({key[1]}) would stop at once"
+                    f"{f' (with --extra {args.extra!r})' if args.extra else ''}: "
+                    f"{os.path.basename(cmd[1])}: {said.split(': error: ', 1)[-1]}")
 
 
 def known_env(name):
@@ -296,7 +348,7 @@ def command(task, model, batching, seed, args):
     return out, [sys.executable, os.path.join(ROOT, script), *([ablation] if ablation else []),
                  "--env-id", env_id, "--seed", str(seed), "--total-timesteps", str(total),
                  "--exp-name", base, "--output-dir", out, *flags, *batching_flags,
-                 *args.extra.split()]
+                 *shlex.split(args.extra)]
 
 
 def settings(cmd):
@@ -316,14 +368,18 @@ def settings(cmd):
 
 
 @lru_cache(maxsize=None)
-def training_defaults(sbb_run, memory):
-    """Every flag's default in the script that trains a run (SBB's: with that memory's)."""
+def training_parser(sbb_run, memory):
+    """parse_args of the script that trains a run (SBB's, or the TBB script of `memory`)."""
     sys.path.insert(0, ROOT)
     import sbb_baseline_dqn as sbb  # jax loads only where settings are needed
     sys.path.remove(ROOT)
-    args = sbb.parse_args(["--memory", memory]) if sbb_run else sbb.load_script(
-        memory).parse_args([])
-    return vars(args)
+    return sbb.parse_args if sbb_run else sbb.load_script(memory).parse_args
+
+
+@lru_cache(maxsize=None)
+def training_defaults(sbb_run, memory):
+    """Every flag's default in the script that trains a run (SBB's: with that memory's)."""
+    return vars(training_parser(sbb_run, memory)(["--memory", memory] if sbb_run else []))
 
 
 def settings_id(key, args):
@@ -376,11 +432,15 @@ def kept_curves(path):
     """{(task, model, batching, seed, settings): eval curve} as kept in the curves CSV `path`.
     Settings "" marks a curve kept before they were recorded (benchmarks/curves_first_network.csv)."""
     rows = {}
-    if os.path.isfile(path):
+    try:
         with open(path) as f:
             for r in csv.DictReader(f):
                 key = (r["task"], r["model"], r["batching"], int(r["seed"]), r.get("settings", ""))
                 rows.setdefault(key, []).append([float(r[c]) for c in CURVE])
+    except FileNotFoundError:  # none kept yet
+        pass
+    except (KeyError, ValueError, TypeError, UnicodeDecodeError, OSError) as e:
+        stop(f"--curves {path}: not a curves CSV of reproduce.py ({type(e).__name__}: {e})")
     return {key: dict(zip(CURVE, np.array(v).T)) for key, v in rows.items()}
 
 
@@ -503,30 +563,56 @@ def first_reaching(curve, level):
     return f"{curve['updates'][reached[0]]:,.0f}" if reached.size else "never"
 
 
-def nothing_to_plot(args, what):
-    """Stop with one line on stderr (exit code 2) that names what is missing."""
-    where = (f"{args.curves} does not exist" if not os.path.isfile(args.curves)
-             else f"{args.curves} has none")
-    short = "" if args.recipe == "paper" else (
-        "; the 300k-step study's curves were never kept (its figure and table are "
-        "figures/tbb_vs_sbb.png and .md): run the grid first")
-    print(f"reproduce.py: error: nothing to plot: no finished runs of {what} under "
-          f"{args.grid_dir}, and {where}{short}", file=sys.stderr)
+def stop(message):
+    """One line on stderr, exit code 2."""
+    print(f"reproduce.py: error: {message}", file=sys.stderr)
     sys.exit(2)
 
 
-def summarise(args):
-    """Record the finished runs' curves, then draw what args asks for and say what was written:
-    the figure and table of every batching (--figure, --table) and README section 5's
-    (--course-figure, --course-table)."""
-    def state(path):
-        return os.stat(path).st_mtime_ns if os.path.isfile(path) else None
+def check_outputs(args):
+    """Stop now, in one line that names the flag, if a file or folder this call will write
+    cannot be written: not after the runs."""
+    paths = [("--curves", args.curves), ("--figure", args.figure), ("--table", args.table),
+             ("--course-figure", args.course_figure), ("--course-table", args.course_table)]
+    folders = [("--grid-dir", args.grid_dir)] * (not args.plot_only)
+    for flag, folder in folders + [(f, os.path.dirname(p) or ".") for f, p in paths if p]:
+        try:
+            os.makedirs(folder, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except (FileExistsError, NotADirectoryError):
+            stop(f"{flag} {folder}: cannot write there (a file is in the way)")
+        except OSError as e:
+            stop(f"{flag} {folder}: cannot write there ({e.strerror or e})")
+    for flag, path in paths:
+        if path and os.path.isdir(path):
+            stop(f"{flag} {path} is a folder: name a file")
 
-    before = state(args.curves)
+
+def nothing_to_plot(args, what):
+    """Stop with one line on stderr (exit code 2) that names what is missing."""
+    where = (f"--curves {args.curves} does not exist" if not os.path.isfile(args.curves)
+             else f"--curves {args.curves} has none")
+    short = "" if args.recipe == "paper" else (
+        "; the 300k-step study's curves were never kept (its figure and table are "
+        "figures/tbb_vs_sbb.png and .md): run the grid first")
+    stop(f"nothing to plot: no finished runs of {what} under {args.grid_dir}, and {where}{short}")
+
+
+def modified(path):
+    return os.stat(path).st_mtime_ns if os.path.isfile(path) else None
+
+
+def summarise(args, curves_before=False):
+    """Record the finished runs' curves, then draw what args asks for and say what was written:
+    the curves CSV if it changed since `curves_before` (its modified() before the runs; by
+    default, now), the figure and table of every batching (--figure, --table) and README's
+    (--course-figure, --course-table)."""
+    before = modified(args.curves) if curves_before is False else curves_before
     curves, notes = record_curves(args)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
-    wrote = [args.curves] if state(args.curves) != before else []
+    wrote = [args.curves] if modified(args.curves) != before else []
     if args.figure or args.table:
         wrote += summarise_batchings(curves, args)
     if args.course_figure or args.course_table:
@@ -806,6 +892,8 @@ if __name__ == "__main__":
         except BrokenPipeError:  # | head: the reader has what it wanted
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit()
+    check_outputs(a)
+    curves_before = modified(a.curves)
     if not a.plot_only:
         run_grid(a)
-    summarise(a)
+    summarise(a, curves_before)
