@@ -1631,6 +1631,42 @@ def test_no_script_takes_an_abbreviated_flag(monkeypatch, capsys):
         assert len(err.splitlines()) == 1  # without argparse's usage block
 
 
+def test_paper_code_tools_refuse_bad_input_in_one_line(tmp_path, monkeypatch, capsys):
+    """official.py and paper_equivalence.py: a missing, malformed or wrong file, a bad length
+    or folder is one line naming it and exit code 2, not a traceback."""
+    official, equivalence = load_benchmark("official"), load_benchmark("paper_equivalence")
+    (tmp_path / "bad.log").write_text("EVAL,t,12.5,epoch=10\n")
+    (tmp_path / "none.log").write_text("hello\n")
+    (tmp_path / "a_file").write_text("")
+    np.savez(tmp_path / "other.npz", a=1)
+    out = ["--out", str(tmp_path / "o")]
+    cases = [
+        (official.main, ["nope.log", "--episode-length", "51", *out], "cannot read it (No such"),
+        (official.main, [str(tmp_path), "--episode-length", "51", *out], "(Is a directory)"),
+        (official.main, ["bad.log", "--episode-length", "51", *out], "line 1 is not an EVAL"),
+        (official.main, ["none.log", "--episode-length", "51", *out], "no EVAL lines"),
+        (official.main, ["bad.log", "--episode-length", "-51", *out],
+         "argument --episode-length: must be a positive integer"),
+        (equivalence.main, ["compare", str(tmp_path / "nope.npz")], "not a file written by"),
+        (equivalence.main, ["compare", str(tmp_path / "a_file")], "not a file written by"),
+        (equivalence.main, ["compare", str(tmp_path / "other.npz")], "(no loss, q0, batch"),
+        (equivalence.main, ["init", "--paper-src", str(tmp_path), "--out", "o.npz", "--config",
+                            "c.yaml"], "not a checkout of proroklab/memory-monoids")]
+    for main, argv, message in cases:
+        monkeypatch.chdir(tmp_path)
+        if main is official.main:
+            run = partial(main, argv)
+        else:
+            monkeypatch.setattr(sys, "argv", ["paper_equivalence.py", *argv])
+            run = main
+        with pytest.raises(SystemExit) as exit_info:
+            run()
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and message in err, (
+            argv, err)
+    assert not (tmp_path / "o").exists()
+
+
 # =============================================================================================
 # Returns: discounted_return_scan.py's return-to-go memoroid against plain loops
 # =============================================================================================

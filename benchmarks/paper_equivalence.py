@@ -123,14 +123,15 @@ def compare(args):
     import ablations
     import jax
     import jax.numpy as jnp
-    stored = dict(np.load(args.file))
+    stored = dict(np.load(args.file))  # main() checked it holds what step `paper` writes
     script = ablations.ablated_script(ABLATIONS, "linear_transformer", T)
     template = script.init_params(jax.random.PRNGKey(0), OBS_DIM, ACTIONS, script.parse_args([]))
     params = {k.removeprefix("param:"): v for k, v in stored.items() if k.startswith("param:")}
     name = lambda key: jax.tree_util.keystr(key, simple=True, separator="/")  # noqa: E731
     leaves = jax.tree_util.tree_flatten_with_path(template)[0]
-    assert {name(k) for k, _ in leaves} == set(params), "the two networks' parameters differ"
-    assert all(params[name(k)].shape == leaf.shape for k, leaf in leaves)
+    if {name(k) for k, _ in leaves} != set(params) or any(
+            params[name(k)].shape != leaf.shape for k, leaf in leaves):
+        raise ValueError("its parameters are not those of our network with " + ABLATIONS)
     params = jax.tree_util.tree_map_with_path(lambda k, _: jnp.asarray(params[name(k)]), template)
     b = {k.removeprefix("batch:"): jnp.asarray(v) for k, v in stored.items()
          if k.startswith("batch:")}
@@ -171,7 +172,35 @@ def main():
     sub.add_parser("compare", allow_abbrev=False).add_argument(
         "file", help="the file written by step `paper`")
     args = p.parse_args()
-    {"paper": paper_side, "init": init_side, "compare": compare}[args.step](args)
+    check_inputs(p, args)
+    try:
+        {"paper": paper_side, "init": init_side, "compare": compare}[args.step](args)
+    except ValueError as e:
+        p.error(f"{args.file}: {e}")
+
+
+def check_inputs(p, args):
+    """Bad input stops here in one line that names it, not in a traceback from a step."""
+    import importlib.util
+    if args.step == "compare":
+        try:
+            with np.load(args.file) as stored:
+                missing = [k for k in ("loss", "q0", "batch:observation") if k not in stored]
+        except (OSError, ValueError, EOFError) as e:
+            p.error(f"{args.file}: not a file written by step `paper` ({e})")
+        if missing:
+            p.error(f"{args.file}: not a file written by step `paper` (no {', '.join(missing)})")
+        return
+    if not os.path.isfile(os.path.join(args.paper_src, "modules.py")):
+        p.error(f"--paper-src {args.paper_src}: not a checkout of proroklab/memory-monoids "
+                "(no modules.py)")
+    if args.step == "init" and not os.path.isfile(args.config):
+        p.error(f"--config {args.config}: no such file")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        p.error(f"--out {args.out}: its folder does not exist")
+    if importlib.util.find_spec("equinox") is None:
+        p.error(f"step `{args.step}` runs in the paper code's environment: equinox is not "
+                "installed in this one")
 
 
 if __name__ == "__main__":
