@@ -158,7 +158,11 @@ def parse_args(argv=None):
     add("--budget", type=_budget, default=10.0,
         help="skip a method on a case when its estimated time for warm-up plus repeats exceeds "
              "this many seconds (default 10)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if max(args.episode_lengths) > args.max_transitions:  # its first episode is kept whole
+        parser.error(f"--episode-lengths {max(args.episode_lengths):,d} is longer than "
+                     f"--max-transitions {args.max_transitions:,d}: a tape holds whole episodes")
+    return args
 
 
 # ---------------------------------------------------------------------------- the monoid
@@ -350,7 +354,8 @@ def make_methods(block_size):
 def make_tape(max_length, num_episodes, max_transitions, seed):
     """Episode lengths uniform in 1..max_length, rewards uniform in [0, 1), cut to whole episodes."""
     rng = np.random.default_rng([seed, max_length, num_episodes])
-    lengths = rng.integers(1, max_length + 1, size=num_episodes)
+    # more episodes than the cap has steps could never be kept: not drawn (nor allocated)
+    lengths = rng.integers(1, max_length + 1, size=min(num_episodes, max_transitions))
     lengths = lengths[: max(1, np.searchsorted(np.cumsum(lengths), max_transitions, side="right"))]
     episode_end = np.zeros(lengths.sum(), bool)
     episode_end[np.cumsum(lengths) - 1] = True
@@ -477,6 +482,11 @@ def main(argv=None):
     # Say up front which files it writes, and which of them it replaces (--output-dir figures
     # replaces the committed ones).
     outputs = [os.path.join(args.output_dir, f"returns_timing.{ext}") for ext in ("csv", "png")]
+    for path in outputs:
+        if os.path.isdir(path):
+            print(f"discounted_return_scan.py: error: --output-dir {args.output_dir}: "
+                  f"{os.path.basename(path)} there is a folder", file=sys.stderr)
+            sys.exit(2)
     replaced = [path for path in outputs if os.path.exists(path)]
     files = " and ".join(outputs) + (f", replacing {' and '.join(replaced)}" if replaced else "")
     print(f"writes {files}")

@@ -756,7 +756,7 @@ def start_run(args, **extra):
             fail(f"cannot write {path} ({error}); its earlier rows are whole", code=1)
 
     write_row(dict(zip(fields, fields)))  # the header
-    min_sec = lambda s: f"{int(s) // 60}m{int(s) % 60:02d}s"  # noqa: E731
+    min_sec = lambda s: f"{max(int(s), 0) // 60}m{max(int(s), 0) % 60:02d}s"  # noqa: E731
 
     def or_dash(value, spec):  # formatted, or "-" for nan: no episode ended, evaluation, update
         return "-".center(len(format(0.0, spec))) if np.isnan(value) else format(value, spec)

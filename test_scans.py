@@ -1549,6 +1549,37 @@ def test_returns_script_checks_its_output_dir_before_the_benchmark(tmp_path, mon
     assert f"--output-dir {tmp_path}: cannot write there (Permission denied)" in lines[0]
 
 
+def test_returns_script_refuses_what_no_tape_holds_and_files_in_the_way(tmp_path, monkeypatch,
+                                                                       capsys):
+    """An episode longer than --max-transitions, and a folder where an output goes, stop it in
+    one line before the benchmark; more episodes than the cap has steps are not drawn (they
+    allocated 745 GiB)."""
+    import discounted_return_scan as returns
+    monkeypatch.setattr(returns, "run_grid", lambda args: pytest.fail("the benchmark ran"))
+    (tmp_path / "returns_timing.png").mkdir()
+    for argv, message in ((["--episode-lengths", "1e19"], "--episode-lengths 10,000,000,000,"
+                           "000,000,000 is longer than --max-transitions 1,000,000"),
+                          (["--output-dir", str(tmp_path)], "returns_timing.png there is a folder")):
+        with pytest.raises(SystemExit) as exit_info:
+            returns.main(argv)
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and len(lines) == 1 and message in lines[0], lines
+    rewards, ends = returns.make_tape(2, 10**11, 1000, 0)
+    assert 999 <= len(rewards) <= 1000 and ends[-1]
+    # below the cap, the tapes are drawn as before
+    rewards, ends = returns.make_tape(10, 100, 1_000_000, 0)
+    rng = np.random.default_rng([0, 10, 100])
+    assert np.array_equal(np.flatnonzero(ends) + 1, np.cumsum(rng.integers(1, 11, size=100)))
+
+
+def test_vml_finds_an_output_file_in_the_way_before_any_run(tmp_path, capsys):
+    (tmp_path / "vml.csv").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        vml.parse_args(["--output-dir", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and err.endswith("vml.csv there is a folder"), err
+
+
 @pytest.mark.parametrize("reverse", [False, True])
 def test_blocked_scan_takes_a_block_longer_than_the_tape(reverse):
     """--block-size 1e30: one block, the whole tape (it padded the tape to 1e30 steps)."""

@@ -77,6 +77,9 @@ def parse_args(argv=None):
         if flag in SET_FOR_EACH_RUN:
             tbb.fail(f"{flag} is set for each run by this script (see --seeds, --k, --num-decks, "
                      "--segment-lengths)")
+    for name in ("vml.csv", "vml.png"):  # found now, not after the runs
+        if os.path.isdir(os.path.join(args.output_dir, name)):
+            tbb.fail(f"--output-dir {args.output_dir}: {name} there is a folder")
     if args.k >= 52 * args.num_decks:
         tbb.fail("--k must be smaller than the number of cards (52 per deck)")
     args.env_kwargs = kwargs = {"num_decks": args.num_decks, "k": args.k}

@@ -227,7 +227,8 @@ def ablated_script(ablations, memory, segment_length=None):
         if ablation == "episodes_by_length" and not tbb:
             raise ValueError("episodes_by_length changes TBB only: leave out --segment-length")
         if ablation in ("lt_normaliser", "paper_lt_block") and memory != "linear_transformer":
-            raise ValueError(f"{ablation} changes the linear transformer only")
+            raise ValueError(f"{ablation} changes the linear transformer only: give --memory "
+                             "linear_transformer")
         if ablation == "lt_normaliser":
             script.attention = paper_attention
         elif ablation == "episodes_by_length":
