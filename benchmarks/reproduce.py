@@ -835,7 +835,7 @@ def course_figure(curves, args, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cols = min(len(panels), 4 if len(panels) > 6 else 3)
+    cols = 2 if len(panels) == 4 else min(len(panels), 4 if len(panels) > 6 else 3)
     rows = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows + 0.6), squeeze=False)
     for ax, (task, model, title, lines) in zip(axes.flat, panels):
