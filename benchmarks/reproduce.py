@@ -854,11 +854,13 @@ def course_figure(curves, args, path):
     fig.legend([plt.Line2D([], [], color=c) for c in colours], names, loc="upper center",
                ncol=len(names), fontsize=9, frameon=False)
     variant = f", our batchings +{args.variant}" if args.variant else ""
-    fig.suptitle(f"The paper's recipe{variant}: mean over seeds (the table says how many) of "
-                 f"each seed's centred moving mean over {COURSE_SMOOTHING} evaluations "
-                 f"({10 * COURSE_SMOOTHING} updates), 95% bootstrap band", y=0.005, va="bottom",
-                 fontsize=8)
-    fig.tight_layout(rect=(0, 0.2 / fig.get_figheight(), 1, 1 - 0.2 / fig.get_figheight()), pad=0.6)
+    caption = textwrap.wrap(f"The paper's recipe{variant}: mean over seeds (the table says how "
+                            f"many) of each seed's centred moving mean over {COURSE_SMOOTHING} "
+                            f"evaluations ({10 * COURSE_SMOOTHING} updates), 95% bootstrap band",
+                            60 * cols)  # as many lines as the figure's width needs
+    fig.suptitle("\n".join(caption), y=0.005, va="bottom", fontsize=8)
+    height = fig.get_figheight()
+    fig.tight_layout(rect=(0, (0.05 + 0.15 * len(caption)) / height, 1, 1 - 0.2 / height), pad=0.6)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
