@@ -322,14 +322,13 @@ def train(args, tbb=None):
     """Run SBB: `tbb` is segment_script(args.memory, L, args) unless given (ablations change
     it)."""
     L, N = args.segment_length, args.burn_in
-    tbb = tbb or segment_script(args.memory, L, args)
-    _, cap = tbb.resolve_env(args.env_id, args.max_episode_steps, args.env_kwargs,
-                             args.prev_action)
-    check_segment_sizes(args, cap)  # here too, to check before the line below
-    print(f"SBB with {args.memory}: batches of {args.batch_size // (L + N)} segments of {L} "
-          f"steps{f' after up to {N} burn-in steps' if N else ''}"
-          f"{', each from its stored state' if args.stored_state else ''}, a ring of "
-          f"{args.buffer_size // L} segments")
+    tbb = tbb or segment_script(args.memory, L, args)  # its check_sizes checks the ring
+    line = (f"SBB with {args.memory}: batches of {args.batch_size // (L + N)} segments of {L} "
+            f"steps{f' after up to {N} burn-in steps' if N else ''}"
+            f"{', each from its stored state' if args.stored_state else ''}, a ring of "
+            f"{args.buffer_size // L} segments")
+    start_run = tbb.start_run  # the line once the run starts: after every check of the input
+    tbb.start_run = lambda run_args, **extra: [start_run(run_args, **extra), print(line)][0]
     return tbb.train(args)
 
 

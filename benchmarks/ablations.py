@@ -284,7 +284,7 @@ def main(argv):
     except ValueError as e:
         fail(str(e))
     args.exp_name = f"{args.exp_name}_{ablation.replace('+', '_')}"
-    # SBB's train checks its ring, then runs the swapped script's train
+    # SBB's train runs the swapped script's train, which checks SBB's ring
     return script.train(args) if args.segment_length is None else sbb.train(args, script)
 
 
