@@ -4,7 +4,8 @@ The batching that the memoroids paper (Morad et al., NeurIPS 2024, Sec. 4.2) arg
 built as a TBB script with its buffer and loss swapped, so that a comparison changes the
 batching and nothing else. --memory picks the script (ffm_tbb_dqn.py, lru_tbb_dqn.py or
 linear_transformer_tbb_dqn.py); its network, flags, envs, acting, evaluation and outputs are
-used as they are. SBB changes five functions of it (and adds its flags to the parser):
+used as they are. SBB changes five functions of it (and adds its flags to the parser, and a
+line about its segments to the run's first output):
 
   init_tape    -> a ring of segment slots of --segment-length L steps, each with a mask of
                   the steps that are trained on;
