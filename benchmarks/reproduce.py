@@ -170,15 +170,15 @@ def parse_args(argv=None):
                    help="where the runs go (not committed); None: runs/reproduce[_paper]")
     p.add_argument("--figure", default=None, help="learning curves of every batching, one panel "
                    "per model and task, with 95%% bootstrap bands; None: figures/tbb_vs_sbb.png "
-                   "(paper: GRID_DIR/tbb_vs_sbb_paper.png if --batchings is given, else none)")
+                   "for the whole short grid, GRID_DIR/tbb_vs_sbb.png for any other (paper: "
+                   "GRID_DIR/tbb_vs_sbb_paper.png if --batchings is given, else none)")
     p.add_argument("--table", default=None, help="markdown table of final and area-under-curve "
-                   "returns of every batching; None: figures/tbb_vs_sbb.md (paper: "
-                   "GRID_DIR/tbb_vs_sbb_paper.md if --batchings is given, else none)")
+                   "returns of every batching; None: as --figure, .md")
     p.add_argument("--course-figure", default=None, help="README section 5's figure (paper "
                    "recipe): one panel per cell of COURSE_CELLS that has runs, TBB and SBB at "
                    "each L; None: figures/results.png if --recipe paper is given without "
-                   "--batchings, --figure and --table (GRID_DIR/results.png if --tasks or "
-                   "--models is), else none")
+                   "--batchings, --figure and --table (GRID_DIR/results.png for a subset of the "
+                   "cells or seeds, other --curves, a --variant or --extra), else none")
     p.add_argument("--course-table", default=None, help="README section 5's table (paper "
                    "recipe), the same cells and batchings, the paper's code and its figure; "
                    "None: figures/results.md, on the same terms as --course-figure")
