@@ -838,7 +838,11 @@ def course_figure(curves, args, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cols = 2 if len(panels) == 4 else min(len(panels), 4 if len(panels) > 6 else 3)
+    models = sorted({m for _, m, _, _ in panels})
+    if len(panels) == len(models) * len({t for t, _, _, _ in panels}) > 6:
+        cols = len(models)  # every cell of a tasks x models grid: a row per task, as Fig. 3
+    else:
+        cols = 2 if len(panels) == 4 else min(len(panels), 4 if len(panels) > 6 else 3)
     rows = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows + 0.6), squeeze=False)
     for ax, (task, model, title, lines) in zip(axes.flat, panels):
