@@ -328,8 +328,14 @@ def train(args, tbb=None):
             f"steps{f' after up to {N} burn-in steps' if N else ''}"
             f"{', each from its stored state' if args.stored_state else ''}, a ring of "
             f"{args.buffer_size // L} segments")
-    start_run = tbb.start_run  # the line once the run starts: after every check of the input
-    tbb.start_run = lambda run_args, **extra: [start_run(run_args, **extra), print(line)][0]
+    start_run = tbb.start_run
+
+    def start_run_then_say(run_args, **extra):  # the line once the run starts: after every check
+        started = start_run(run_args, **extra)
+        print(line)
+        return started
+
+    tbb.start_run = start_run_then_say
     return tbb.train(args)
 
 

@@ -838,7 +838,7 @@ def course_figure(curves, args, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    models = sorted({m for _, m, _, _ in panels})
+    models = {m for _, m, _, _ in panels}
     if len(panels) == len(models) * len({t for t, _, _, _ in panels}) > 6:
         cols = len(models)  # every cell of a tasks x models grid: a row per task, as Fig. 3
     else:
