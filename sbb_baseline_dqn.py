@@ -301,7 +301,7 @@ def parse_args(argv=None):
                        "episode is stored (R2D2's remedy); else from the identity")
         g.add_argument("--burn-in", type=tbb.NON_NEGATIVE_INT, default=0, help="N: with "
                        "--stored-state, refresh that state over the up to N steps before each "
-                       "segment, which carry no loss")
+                       "segment; those steps carry no loss")
         p.set_defaults(exp_name=None)  # then sbb_<memory>_L<segment length>[_stored[_burninN]]
         return p
 

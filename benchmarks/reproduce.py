@@ -718,10 +718,10 @@ COURSE_BATCHINGS = ("tbb", "sbb10", "sbb50", "sbb100")
 COURSE_SMOOTHING = 21  # evaluations in the course figure's moving mean (210 updates)
 MODEL_NAMES = {"ffm": "FFM", "lru": "LRU", "linear_transformer": "linear transformer"}
 # README's R2D2 section (issue 37): FFM where SBB from zero lost most to TBB, (task, model, L);
-# each cell's columns are TBB, SBB at L from zero, from stored states, and with a burn-in of L.
+# each cell's columns are TBB, SBB at L from zero, from stored states, and with a burn-in N = L.
 R2D2_CELLS = (("RepeatFirstEasy", "ffm", 10), ("RepeatPrevious2x10", "ffm", 10),
               ("CountRecallEasy", "ffm", 10), ("CountRecallEasy", "ffm", 50))
-R2D2_COLUMNS = ("TBB", "SBB from zero", "SBB from stored states", "stored + burn-in of L")
+R2D2_COLUMNS = ("TBB", "SBB from zero", "SBB from stored states", "stored + burn-in N = L")
 
 
 def course_cells(args):
